@@ -1,0 +1,85 @@
+"""Flower ClientApp: decode the global state, train locally with the configured method
+on this node's partition, and reply with the encoded update.
+
+The base model is loaded once per process and reused for every message (in simulation a
+worker serves many virtual clients; only the trainable state is swapped). The partition
+comes from the node config (``partition-id``, ``num-partitions``), which Flower's
+simulation sets automatically and SuperNodes take from ``--node-config``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedpeft import wire
+from fedpeft.config import FedPeftConfig, compose
+from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition
+from fedpeft.errors import ConfigError
+from fedpeft.methods import ClientMethod, TrainContext, build_method
+from fedpeft.methods.base import cached_model
+from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
+from fedpeft.schema import fingerprint
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training on this node's partition."""
+    cfg = _config(context.run_config.get("overrides", ""),
+                  context.run_config.get("config-dir") or "")
+    pid, nparts = _partition_ids(context.node_config)
+    method, model = _runtime(cfg)
+    method.set_state(model, wire.from_arrayrecord(msg.content[wire.ARRAYS_KEY]))
+    conf = msg.content[wire.CONFIG_KEY]
+    ctx = TrainContext(
+        server_round=int(conf.get("round", conf.get("server-round", 0))),
+        partition_id=pid,
+        seed=cfg.run.seed,
+        pad_token_id=int(get_tokenizer(cfg.model).pad_token_id),
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),
+    )
+    result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
+    metrics = {**result.metrics, "partition-id": float(pid)}
+    content = wire.reply_content(wire.encode_update(result.update), result.num_examples, metrics)
+    return Message(content=content, reply_to=msg)
+
+
+@functools.lru_cache(maxsize=8)
+def _config(overrides: str, config_dir: str) -> FedPeftConfig:
+    return compose(overrides, config_dir or None)
+
+
+def _partition_ids(node_config: Any) -> tuple[int, int]:
+    try:
+        pid, nparts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError:
+        raise ConfigError(
+            "node config needs 'partition-id' and 'num-partitions' (simulation sets them; "
+            "for SuperNodes pass --node-config \"partition-id=0 num-partitions=2\"); "
+            f"found keys {sorted(node_config)}"
+        ) from None
+    if not 0 <= pid < nparts:
+        raise ConfigError(f"partition-id must be in [0, {nparts}), found {pid}")
+    return pid, nparts
+
+
+def _runtime(cfg: FedPeftConfig) -> tuple[ClientMethod, Any]:
+    method = build_method(cfg.method.name, cfg.method)
+    key = (fingerprint(cfg.model), fingerprint(cfg.method), cfg.run.seed)
+    model = cached_model(key, lambda: method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed))
+    return method, model
+
+
+@functools.lru_cache(maxsize=64)
+def _examples(
+    _overrides: tuple[str, ...], data_cfg: DataConfig, model_cfg: ModelConfig, pid: int,
+    nparts: int,
+) -> list:
+    data = load_task_data(data_cfg)
+    part = partition(data.train, data_cfg.partition, nparts, pid)
+    return encode_dataset(part, get_tokenizer(model_cfg), data.label_names, data_cfg)

@@ -1,0 +1,52 @@
+"""Frozen value types that cross module boundaries (client -> wire -> strategy).
+
+Only plain numpy arrays live here so that ``wire.py`` can pack them into Flower
+records without knowing about torch, and strategies can aggregate them without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ArrayDict = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DenseUpdate:
+    """Delta (local - global) of every trainable tensor, keyed by stable tensor name."""
+
+    deltas: ArrayDict
+
+    def num_values(self) -> int:
+        """Number of scalars carried."""
+        return int(sum(a.size for a in self.deltas.values()))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a client method returns after local training on one round."""
+
+    update: DenseUpdate
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of ``runs/<run-id>/metrics.jsonl``."""
+
+    round: int
+    wall_time_s: float
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    num_clients: int = 0
+    num_rejected: int = 0
+    bytes_up: Mapping[str, int] = field(default_factory=dict)
+    bytes_down: Mapping[str, int] = field(default_factory=dict)
+    payload_bytes_up: Mapping[str, int] = field(default_factory=dict)
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, float] = field(default_factory=dict)

@@ -1,0 +1,105 @@
+"""Flower records <-> fedpeft values, and exact byte accounting.
+
+The only module inside ``fedpeft/`` that imports ``flwr``. Updates travel as an
+``ArrayRecord`` (one array per trainable tensor, sorted by name) plus a ``MetricRecord``
+(``num-examples`` and training metrics), which is the reply shape Flower's built-in
+strategies expect. Byte counts are measured on what Flower actually serialises: the
+deflated bytes of every object in a message's object tree (message, record dict,
+records, arrays, array chunks), so they include Flower's own framing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fedpeft.errors import UpdateRejected
+from fedpeft.types import ArrayDict, DenseUpdate
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES_KEY = "num-examples"
+_FLOAT_KINDS = ("f",)
+
+
+def to_arrayrecord(arrays: ArrayDict) -> ArrayRecord:
+    """Pack named numpy arrays (sorted by name) into an ArrayRecord."""
+    items = {name: Array(np.ascontiguousarray(arrays[name])) for name in sorted(arrays)}
+    return ArrayRecord(items)
+
+
+def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unpack an ArrayRecord into named numpy arrays."""
+    return {name: record[name].numpy() for name in record}
+
+
+def encode_update(update: DenseUpdate) -> ArrayRecord:
+    """Wire form of a dense update: one array per trainable tensor delta."""
+    return to_arrayrecord(update.deltas)
+
+
+def decode_update(
+    record: ArrayRecord, reference: ArrayDict, *, max_abs: float = 1e6
+) -> DenseUpdate:
+    """Check an incoming dense update against the global state and return it.
+
+    Rejects (``UpdateRejected``) missing/extra tensors, wrong shapes, non-float dtypes,
+    non-finite values and absurd magnitudes, so one bad client cannot poison a round.
+    """
+    try:
+        deltas = from_arrayrecord(record)
+    except Exception as exc:  # malformed bytes from a client
+        raise UpdateRejected(f"undecodable arrays: {exc}") from None
+    _check_keys(deltas, reference)
+    for name, delta in deltas.items():
+        _check_tensor(name, delta, reference[name], max_abs)
+    return DenseUpdate({k: deltas[k].astype(reference[k].dtype, copy=False) for k in deltas})
+
+
+def _check_keys(found: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise UpdateRejected(
+            f"tensor names differ from the global state: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+            f"{'...' if len(extra) > 3 else ''} (expected {len(expected)} tensors)"
+        )
+
+
+def _check_tensor(name: str, delta: np.ndarray, ref: np.ndarray, max_abs: float) -> None:
+    if delta.shape != ref.shape:
+        raise UpdateRejected(f"{name}: expected shape {ref.shape}, found {delta.shape}")
+    if delta.dtype.kind not in _FLOAT_KINDS:
+        raise UpdateRejected(f"{name}: expected a float dtype, found {delta.dtype}")
+    if not np.isfinite(delta).all():
+        raise UpdateRejected(f"{name}: contains NaN or Inf values")
+    if delta.size and float(np.abs(delta).max()) > max_abs:
+        raise UpdateRejected(f"{name}: |value| exceeds {max_abs:g}")
+
+
+def reply_content(
+    arrays: ArrayRecord, num_examples: int, metrics: Mapping[str, float]
+) -> RecordDict:
+    """Client reply: one ArrayRecord and one MetricRecord carrying ``num-examples``."""
+    values = {k: float(v) for k, v in metrics.items()}
+    values[NUM_EXAMPLES_KEY] = int(num_examples)
+    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(values)})
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes Flower serialises for ``message``: all deflated objects of its tree."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes Flower serialises for a record dict (message metadata excluded)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Raw array bytes in ``record`` (numpy buffers, no framing)."""
+    return int(sum(len(record[name].data) for name in record))

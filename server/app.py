@@ -1,0 +1,75 @@
+"""Flower ServerApp: compose config, build the method's global state and the strategy,
+run the rounds, evaluate the global model on the held-out split after every round,
+checkpoint it, and write ``runs/<run-id>/metrics.jsonl``.
+
+The same app serves ``flwr run .`` simulations and SuperLink/SuperNode deployments.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft import wire
+from fedpeft.config import FedPeftConfig, compose, load_components
+from fedpeft.reporting import RunDir, resolve_resume
+from fedpeft.schema import to_dict
+from server.state import GlobalModel
+
+log = logging.getLogger("flwr")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls with the grid of connected SuperNodes."""
+    cfg = compose(context.run_config.get("overrides", ""),
+                  context.run_config.get("config-dir") or None)
+    run, start_round = _open_run(cfg)
+    run.set_status("running", start_round=start_round)
+    try:
+        serve(grid, cfg, run, start_round)
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.set_status("completed", rounds=cfg.run.num_rounds)
+
+
+def _open_run(cfg: FedPeftConfig) -> tuple[RunDir, int]:
+    if cfg.run.resume:
+        run, last_round, _ = resolve_resume(cfg.run.resume)
+        return run, last_round
+    tag = f"{cfg.method.name}-{cfg.strategy.name}"
+    run = RunDir.create(cfg.run.output_dir, cfg.run.run_id, tag)
+    run.write_json("config.json", {"overrides": list(cfg.overrides), "config": to_dict(cfg)})
+    return run, 0
+
+
+def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None:
+    """Run rounds ``start_round+1 .. run.num_rounds`` with the configured strategy."""
+    from strategies import build_strategy
+    from strategies.decoding import DecodingStrategy
+
+    load_components()
+    remaining = cfg.run.num_rounds - start_round
+    if remaining <= 0:
+        log.info("fedpeft: run already has %d rounds; nothing to do", start_round)
+        return
+    state = GlobalModel(cfg, run, start_round)
+    strategy = DecodingStrategy(build_strategy(cfg.strategy.name, cfg.strategy.params),
+                                round_offset=start_round)
+    state.strategy = strategy
+    log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
+             cfg.run.num_rounds)
+    strategy.start(
+        grid=grid,
+        initial_arrays=wire.to_arrayrecord(state.initial_state()),
+        num_rounds=remaining,
+        timeout=cfg.run.round_timeout_s,
+        train_config=ConfigRecord({"seed": cfg.run.seed}),
+        evaluate_fn=state.end_of_round,
+    )
+    state.log_summary()
+

@@ -1,0 +1,109 @@
+"""The server's copy of the global model and what happens at the end of each round:
+load the aggregated state, evaluate on the held-out split, checkpoint, record metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedpeft import wire
+from fedpeft.config import FedPeftConfig
+from fedpeft.data import load_task_data
+from fedpeft.evaluation import evaluate
+from fedpeft.methods import build_method
+from fedpeft.models import get_tokenizer, load_causal_lm
+from fedpeft.reporting import RunDir, format_progress, resolve_resume
+from fedpeft.types import RoundRecord
+
+log = logging.getLogger("flwr")
+
+
+class GlobalModel:
+    """Holds the attached model on the server; ``end_of_round`` is Flower's evaluate_fn."""
+
+    def __init__(self, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None:
+        self.cfg, self.run, self.start_round = cfg, run, start_round
+        self.method = build_method(cfg.method.name, cfg.method)
+        self.tokenizer = get_tokenizer(cfg.model)
+        self.model = self.method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed)
+        self.data = load_task_data(cfg.data)
+        self.strategy: Any = None
+        self.history: list[RoundRecord] = []
+        self._t_last = time.perf_counter()
+        if start_round:
+            _, _, ckpt = resolve_resume(cfg.run.resume or "")
+            self.method.load(self.model, ckpt)
+
+    def initial_state(self) -> dict:
+        return self.method.get_state(self.model)
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate + checkpoint + record. Round 0 is the model before any training
+        (skipped when resuming: it was recorded by the original run)."""
+        rnd = server_round + self.start_round
+        if server_round == 0 and self.start_round:
+            self._t_last = time.perf_counter()
+            return None
+        self.method.set_state(self.model, wire.from_arrayrecord(arrays))
+        ev = self._evaluate(rnd)
+        if rnd > 0 and self.cfg.run.checkpoint:
+            self._checkpoint(rnd)
+        record = self._record(rnd, server_round, ev)
+        self.run.append(record)
+        self.history.append(record)
+        if self.cfg.run.progress:
+            log.info("fedpeft %s", format_progress(record, self.cfg.run.num_rounds))
+        self._t_last = time.perf_counter()
+        if ev is None:
+            return None
+        return MetricRecord({k: v for k, v in (("eval_loss", ev.loss),
+                                                ("eval_accuracy", ev.accuracy)) if v is not None})
+
+    def _evaluate(self, rnd: int):
+        every = self.cfg.eval.every
+        due = every > 0 and (rnd % every == 0 or rnd == self.cfg.run.num_rounds)
+        if not due:
+            return None
+        return evaluate(self.model, self.tokenizer, self.data.test, self.data.label_names,
+                        self.cfg.data, batch_size=self.cfg.eval.batch_size,
+                        max_examples=self.cfg.eval.max_examples)
+
+    def _checkpoint(self, rnd: int) -> None:
+        path = self.run.checkpoint_dir(rnd)
+        path.mkdir(parents=True, exist_ok=True)
+        self.method.save(self.model, path)
+        (path / ".complete").write_text(str(rnd))
+
+    def _record(self, rnd: int, server_round: int, ev: Any) -> RoundRecord:
+        traffic = self.strategy.traffic if (self.strategy and server_round > 0) else None
+        train = getattr(self.strategy, "last_train_metrics", None) if traffic else None
+        return RoundRecord(
+            round=rnd,
+            wall_time_s=time.perf_counter() - self._t_last,
+            train_loss=_metric(train, "train_loss"),
+            eval_loss=ev.loss if ev else None,
+            eval_accuracy=ev.accuracy if ev else None,
+            num_clients=traffic.accepted if traffic else 0,
+            num_rejected=len(traffic.rejected) if traffic else 0,
+            bytes_up=dict(traffic.bytes_up) if traffic else {},
+            bytes_down=dict(traffic.bytes_down) if traffic else {},
+            payload_bytes_up=dict(traffic.payload_bytes_up) if traffic else {},
+            rejected=dict(traffic.rejected) if traffic else {},
+        )
+
+    def log_summary(self) -> None:
+        evals = [r for r in self.history if r.eval_accuracy is not None]
+        if len(evals) >= 2:
+            log.info("fedpeft: held-out accuracy %.4f (round %d) -> %.4f (round %d)",
+                     evals[0].eval_accuracy, evals[0].round,
+                     evals[-1].eval_accuracy, evals[-1].round)
+        log.info("fedpeft: metrics in %s", self.run.metrics_path)
+
+
+def _metric(record: Any, key: str) -> float | None:
+    if record is None or key not in record:
+        return None
+    return float(record[key])

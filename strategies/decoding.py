@@ -1,0 +1,138 @@
+"""Make any dense Flower strategy accept fedpeft client updates.
+
+Clients send *deltas* of their trainable tensors (what compressors and privacy
+mechanisms operate on). Flower's strategies aggregate *full* tensors, and the server
+optimisers among them (FedAdam, FedYogi, ...) derive their pseudo-gradient from the
+difference to the current global arrays. This wrapper therefore, per reply:
+validates it (tensor names, shapes, dtype, finiteness, magnitude, ``num-examples``),
+rejects a bad reply with a logged reason instead of crashing the round, rebuilds
+``global + delta`` and hands the well-formed replies to the wrapped strategy. It also
+measures the exact serialized bytes of every message sent and received.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft import wire
+from fedpeft.errors import UpdateRejected
+
+log = logging.getLogger("fedpeft.strategy")
+
+
+@dataclass
+class RoundTraffic:
+    """What happened on the wire in one training round (keys: node ids as strings)."""
+
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    payload_bytes_up: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    accepted: int = 0
+
+
+class DecodingStrategy(Strategy):
+    """Wraps a Flower strategy; see module docstring. ``round_offset`` shifts the round
+    number sent to clients (``config['round']``) when a run resumes from a checkpoint."""
+
+    def __init__(self, inner: Strategy, *, round_offset: int = 0, max_abs: float = 1e6):
+        self.inner = inner
+        self.round_offset = round_offset
+        self.max_abs = max_abs
+        self.traffic = RoundTraffic()
+        self.last_train_metrics: MetricRecord | None = None
+        self._global: dict = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = wire.from_arrayrecord(arrays)
+        config["round"] = server_round + self.round_offset
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.traffic = RoundTraffic(
+            bytes_down={str(m.metadata.dst_node_id): wire.message_bytes(m) for m in messages}
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        decoded = [m for m in (self._decode(r) for r in replies) if m is not None]
+        self.traffic.accepted = len(decoded)
+        self.last_train_metrics = None
+        if not decoded:
+            log.warning("round %d: no acceptable client update; global state unchanged",
+                        server_round)
+            return None, None
+        _keep_common_metrics(decoded)
+        arrays, metrics = self.inner.aggregate_train(server_round, decoded)
+        self.last_train_metrics = metrics
+        return arrays, metrics
+
+    def _decode(self, reply: Message) -> Message | None:
+        node = str(reply.metadata.src_node_id)
+        if reply.has_error():
+            self.traffic.rejected[node] = f"client error: {reply.error.reason}"
+            return None
+        self.traffic.bytes_up[node] = wire.message_bytes(reply)
+        try:
+            arrays, metrics = _split_reply(reply.content)
+            self.traffic.payload_bytes_up[node] = wire.payload_bytes(arrays)
+            update = wire.decode_update(arrays, self._global, max_abs=self.max_abs)
+        except UpdateRejected as exc:
+            self.traffic.rejected[node] = str(exc)
+            log.warning("rejected update from node %s: %s", node, exc)
+            return None
+        full = {k: self._global[k] + update.deltas[k] for k in self._global}
+        reply.content = RecordDict(
+            {wire.ARRAYS_KEY: wire.to_arrayrecord(full), wire.METRICS_KEY: metrics}
+        )
+        return reply
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _split_reply(content: RecordDict) -> tuple[ArrayRecord, MetricRecord]:
+    arrays = content.array_records.get(wire.ARRAYS_KEY)
+    metrics = content.metric_records.get(wire.METRICS_KEY)
+    if arrays is None or metrics is None:
+        raise UpdateRejected(
+            f"reply must carry ArrayRecord '{wire.ARRAYS_KEY}' and MetricRecord "
+            f"'{wire.METRICS_KEY}'; found records {sorted(content.keys())}"
+        )
+    n = metrics.get(wire.NUM_EXAMPLES_KEY)
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
+        raise UpdateRejected(f"'{wire.NUM_EXAMPLES_KEY}' must be a positive number, found {n!r}")
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise UpdateRejected(f"non-finite metric(s) {bad}")
+    return arrays, metrics
+
+
+def _keep_common_metrics(replies: list[Message]) -> None:
+    """Flower requires identical metric keys across replies; keep the shared scalars."""
+    records = [r.content.metric_records[wire.METRICS_KEY] for r in replies]
+    common = set.intersection(*(set(m.keys()) for m in records))
+    for reply, metrics in zip(replies, records, strict=True):
+        kept = MetricRecord({k: v for k, v in metrics.items() if k in common
+                             and isinstance(v, (int, float))})
+        reply.content = RecordDict({wire.ARRAYS_KEY: reply.content[wire.ARRAYS_KEY],
+                                    wire.METRICS_KEY: kept})
