@@ -44,8 +44,8 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
     )
     result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
-    metrics = {**result.metrics, "partition-id": float(pid)}
-    content = wire.reply_content(wire.encode_update(result.update), result.num_examples, metrics)
+    content = wire.reply_content(wire.encode_update(result.update), result.num_examples,
+                                 result.metrics)
     return Message(content=content, reply_to=msg)
 
 

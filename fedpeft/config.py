@@ -82,7 +82,7 @@ class SimConfig:
     ``flwr run --federation-config``; deployments ignore them)."""
 
     num_clients: int = 4
-    client_cpus: float = 2.0
+    client_cpus: int = 2
     client_gpus: float = 0.0
 
     def validate(self) -> None:

@@ -33,7 +33,9 @@ def test_flwr_simulation_three_clients_two_rounds_then_resume(
         assert rec["num_clients"] == 3 and rec["num_rejected"] == 0
         assert len(rec["bytes_up"]) == 3 and len(rec["bytes_down"]) == 3
         assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["eval_loss"])
-    _assert_payload_matches_adapter(records[1], tmp_path, base)
+    # Round 2 broadcasts a trained adapter (round 1's has LoRA B == 0, whose identical
+    # chunks Flower deduplicates, so it is legitimately smaller than the raw tensors).
+    _assert_payload_matches_adapter(records[2], tmp_path, base)
 
     # Resume from the round-2 checkpoint and run one more round.
     code = cli.main(["simulate", *base, "run.num_rounds=3", f"run.resume={out / 'sim'}",
@@ -50,11 +52,12 @@ def _assert_payload_matches_adapter(rec: dict, tmp_path: Path, overrides: list[s
     state = method.get_state(method.attach(load_causal_lm(cfg.model), seed=0))
     expected_payload = wire.payload_bytes(wire.to_arrayrecord(state))
     raw = sum(a.nbytes for a in state.values())
+    framing = 1024 * len(state) + 4096  # Flower object headers/ids per tensor + message
     for node, payload in rec["payload_bytes_up"].items():
         assert payload == expected_payload
-        assert raw < payload < rec["bytes_up"][node] < raw * 1.1 + 4096
+        assert raw < payload < rec["bytes_up"][node] < raw + framing
     for down in rec["bytes_down"].values():
-        assert raw < down < raw * 1.1 + 4096
+        assert raw < down < raw + framing
 
 
 def test_simulate_exits_nonzero_when_the_run_fails(
