@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedpeft import cli, wire
 from fedpeft.config import compose
@@ -44,6 +45,22 @@ def test_flwr_simulation_three_clients_two_rounds_then_resume(
     assert code == 0
     assert [r["round"] for r in run.records()] == [0, 1, 2, 3]
     assert run.latest_checkpoint()[0] == 3
+    _assert_checkpoint_loads_with_peft(run, base)
+
+
+def _assert_checkpoint_loads_with_peft(run: RunDir, overrides: list[str]) -> None:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    cfg = compose(overrides)
+    _, path = run.latest_checkpoint()
+    model = PeftModel.from_pretrained(load_causal_lm(cfg.model), str(path))
+    method = build_method("lora", cfg.method)
+    ours = method.attach(load_causal_lm(cfg.model), seed=0)
+    method.load(ours, path)
+    theirs = get_peft_model_state_dict(model)
+    for key, value in get_peft_model_state_dict(ours).items():
+        assert torch.equal(value, theirs[key])
+    assert any(float(v.abs().sum()) > 0 for k, v in theirs.items() if "lora_B" in k)
 
 
 def _assert_payload_matches_adapter(rec: dict, tmp_path: Path, overrides: list[str]) -> None:
