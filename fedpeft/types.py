@@ -43,6 +43,7 @@ class RoundRecord:
     train_loss: float | None = None
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+    eval_time_s: float | None = None
     num_clients: int = 0
     num_rejected: int = 0
     bytes_up: Mapping[str, int] = field(default_factory=dict)

@@ -33,6 +33,7 @@ class GlobalModel:
         self.strategy: Any = None
         self.history: list[RoundRecord] = []
         self._t_last = time.perf_counter()
+        self._eval_s: float | None = None
         if start_round:
             _, _, ckpt = resolve_resume(cfg.run.resume or "")
             self.method.load(self.model, ckpt)
@@ -48,7 +49,9 @@ class GlobalModel:
             self._t_last = time.perf_counter()
             return None
         self.method.set_state(self.model, wire.from_arrayrecord(arrays))
+        t_eval = time.perf_counter()
         ev = self._evaluate(rnd)
+        self._eval_s = time.perf_counter() - t_eval if ev else None
         if rnd > 0 and self.cfg.run.checkpoint:
             self._checkpoint(rnd)
         record = self._record(rnd, server_round, ev)
@@ -86,6 +89,7 @@ class GlobalModel:
             train_loss=_metric(train, "train_loss"),
             eval_loss=ev.loss if ev else None,
             eval_accuracy=ev.accuracy if ev else None,
+            eval_time_s=self._eval_s,
             num_clients=traffic.accepted if traffic else 0,
             num_rejected=len(traffic.rejected) if traffic else 0,
             bytes_up=dict(traffic.bytes_up) if traffic else {},

@@ -128,15 +128,18 @@ class LoraMethod(ClientMethod):
         anchor = [p.detach().clone() for p in params] if ctx.proximal_mu > 0 else None
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         gen = np.random.default_rng([ctx.seed, ctx.server_round, ctx.partition_id])
-        model.train()
-        t0, losses, seen = time.perf_counter(), [], 0
-        for _ in range(self.cfg.local_steps):
-            idx = gen.choice(len(examples), size=min(self.cfg.batch_size, len(examples)),
-                             replace=False)
-            batch = collate([examples[i] for i in idx], ctx.pad_token_id)
-            losses.append(self._step(model, opt, params, batch, anchor, ctx.proximal_mu))
-            seen += len(idx)
-        model.eval()
+        t0, losses = time.perf_counter(), []
+        # Dropout draws from torch's RNG: seed it per (run, round, client) inside a fork so
+        # local training is reproducible and the caller's RNG state is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(gen.integers(2**63 - 1)))
+            model.train()
+            for _ in range(self.cfg.local_steps):
+                idx = gen.choice(len(examples), size=min(self.cfg.batch_size, len(examples)),
+                                 replace=False)
+                batch = collate([examples[i] for i in idx], ctx.pad_token_id)
+                losses.append(self._step(model, opt, params, batch, anchor, ctx.proximal_mu))
+            model.eval()
         end = self.get_state(model)
         update = DenseUpdate({k: end[k] - start[k] for k in start})
         finite = [x for x in losses if math.isfinite(x)]

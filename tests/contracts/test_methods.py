@@ -80,3 +80,22 @@ def test_set_state_round_trip_and_wire_round_trip(trained) -> None:
     decoded = wire.decode_update(wire.encode_update(result.update), start)
     for k, v in result.update.deltas.items():
         np.testing.assert_array_equal(decoded.deltas[k], v)
+
+
+def test_local_training_is_reproducible_for_a_seed_round_and_client() -> None:
+    cfg = compose("model=tiny-llama data.max_examples=200 data.test_size=20 "
+                  "method.local_steps=2 method.batch_size=2")
+    method = build_method(cfg.method.name, cfg.method)
+    model = method.attach(load_causal_lm(cfg.model), seed=0)
+    tok = get_tokenizer(cfg.model)
+    data = load_task_data(cfg.data)
+    examples = encode_dataset(data.train.select(range(16)), tok, data.label_names, cfg.data)
+    start = method.get_state(model)
+    ctx = TrainContext(server_round=3, partition_id=1, seed=7, pad_token_id=tok.pad_token_id)
+
+    first = method.train(model, examples, ctx)
+    method.set_state(model, start)
+    second = method.train(model, examples, ctx)
+
+    for k, v in first.update.deltas.items():
+        np.testing.assert_array_equal(v, second.update.deltas[k])
