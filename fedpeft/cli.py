@@ -74,8 +74,14 @@ def flwr_run_command(app: Path, overrides: list[str], sim: object) -> list[str]:
     text = " ".join(shlex.quote(o) for o in overrides).replace("'", '"')
     fed = (f"num_supernodes={sim.num_clients} client_resources_num_cpus={sim.client_cpus} "
            f"client_resources_num_gpus={sim.client_gpus}")
-    return ["flwr", "run", str(app), "--stream", "--run-config", f"overrides='{text}'",
+    return [tool_path("flwr"), "run", str(app), "--stream", "--run-config", f"overrides='{text}'",
             "--federation-config", fed]
+
+
+def tool_path(name: str) -> str:
+    """A console script of this environment (next to the interpreter) or from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
 
 
 def _env() -> dict[str, str]:

@@ -160,7 +160,8 @@ def _hydra_compose(overrides: list[str], config_dir: Path) -> dict[str, Any]:
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"invalid overrides {overrides}: {exc}") from None
+        text = str(exc).split("\nConfig search path")[0].strip()
+        raise ConfigError(f"invalid overrides {overrides}: {text}") from None
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 

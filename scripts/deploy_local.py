@@ -27,6 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def tool_path(name: str) -> str:
+    """A console script of this environment (next to the interpreter) or from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,19 +88,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).resolve()
     overrides = [*args.overrides, f"run.output_dir={out}", f"run.run_id={run_id}"]
     with ExitStack() as stack:
-        link = start(["flower-superlink", "--insecure", "--fleet-api-address",
+        link = start([tool_path("flower-superlink"), "--insecure", "--fleet-api-address",
                       f"127.0.0.1:{fleet}", "--host", "127.0.0.1", "--port", str(control),
                       "--disable-runtime-dependency-installation"],
                      work / "superlink.log", env, stack)
         wait_port(fleet, link)
         wait_port(control, link)
         for i in range(args.clients):
-            start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+            start([tool_path("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
                    "--port", str(free_port()), "--node-config",
                    f"partition-id={i} num-partitions={args.clients}"],
                   work / f"supernode-{i}.log", env, stack)
         text = " ".join(shlex.quote(o) for o in overrides).replace("'", '"')
-        cmd = ["flwr", "run", str(args.app), "local-deployment", "--stream",
+        cmd = [tool_path("flwr"), "run", str(args.app), "local-deployment", "--stream",
                "--run-config", f"overrides='{text}'"]
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
         code = subprocess.call(cmd, env=env, timeout=args.timeout)

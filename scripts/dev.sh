@@ -24,7 +24,7 @@ setup() {
   echo "$want" > "$stamp"
 }
 
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 cmd="${1:-test}"; shift || true
 case "$cmd" in
