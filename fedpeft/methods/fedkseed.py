@@ -1,0 +1,156 @@
+"""FedKSeed: zeroth-order federated full-parameter tuning over K shared seeds.
+
+Paper: Qin et al., "Federated Full-Parameter Tuning of Billion-Sized Language Models with
+Communication Cost under 18 Kilobytes", ICML 2024, arXiv 2312.06353.
+
+Each local step picks a seed s (uniformly, or with FedKSeed-Pro probabilities p), perturbs
+the trainable weights in place by ±eps·z(s) to estimate the directional derivative
+g = (L(w+eps z) - L(w-eps z)) / 2eps, and moves w ← w - lr·g·z(s). Only the pairs
+(seed index, Σg) travel. The global model is *defined* by replaying every round's aggregated
+scalars in ascending seed order (:func:`apply_round`), which server and clients execute
+with the same inputs, hence bit-identical weights (``fedpeft.seeding`` regenerates z(s)
+with the same bits on every device).
+
+This module holds the algorithm (pure functions + the client method's local training);
+the Flower protocol (accumulator, per-client catch-up, Pro probabilities) is
+``strategies/fedkseed.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft.errors import ConfigError
+from fedpeft.seeding import derive_seed, perturb_
+
+
+@dataclass(frozen=True)
+class FedKSeedConfig:
+    """FedKSeed defaults from the paper (K=4096, tau=200, batch 1, eps=5e-4, lr=3e-7)."""
+
+    name: str = "fedkseed"
+    num_seeds: int = 4096
+    local_steps: int = 200
+    batch_size: int = 1
+    eps: float = 5e-4
+    lr: float = 3e-7
+    trainable: str = "all"  # "all" or a regex over parameter names
+    pro: bool = False
+    pro_clip: float = 1000.0
+    pro_temperature: float = 1.0
+
+    def validate(self) -> None:
+        if self.num_seeds < 1 or self.local_steps < 1 or self.batch_size < 1:
+            raise ConfigError("method.num_seeds, local_steps and batch_size must be >= 1")
+        if not (self.eps > 0 and self.lr > 0 and self.pro_temperature > 0):
+            raise ConfigError("method.eps, method.lr and method.pro_temperature must be > 0")
+        if self.trainable != "all":
+            try:
+                re.compile(self.trainable)
+            except re.error as exc:
+                raise ConfigError(f"method.trainable is not a valid regex: {exc}") from None
+
+
+def candidate_seeds(run_seed: int, k: int) -> list[int]:
+    """The K shared seeds, derived once from the run seed (same on every party)."""
+    return [derive_seed(run_seed, "fedkseed", i) for i in range(k)]
+
+
+def trainable_params(model: nn.Module, pattern: str) -> dict[str, torch.Tensor]:
+    """Name -> parameter for the tuned subset (sorted names define z's layout)."""
+    named = dict(model.named_parameters())
+    if pattern != "all":
+        rx = re.compile(pattern)
+        named = {n: p for n, p in named.items() if rx.search(n)}
+    if not named:
+        raise ConfigError(f"method.trainable={pattern!r} matches no parameter")
+    return {n: named[n] for n in sorted(named)}
+
+
+@torch.no_grad()
+def apply_round(
+    params: Mapping[str, torch.Tensor], seeds: Sequence[int], indices: np.ndarray,
+    values: np.ndarray, lr: float,
+) -> None:
+    """w ← w - lr · Σ_s ΔA[s] · z(s), seed indices in ascending order (the canonical
+    replay: one regeneration per touched seed, however many clients used it)."""
+    order = np.argsort(indices, kind="stable")
+    for i in order:
+        perturb_(params, seeds[int(indices[i])], -lr * float(values[i]))
+
+
+def pro_probabilities(
+    abs_clipped_sum: np.ndarray, counts: np.ndarray, temperature: float = 1.0
+) -> np.ndarray:
+    """FedKSeed-Pro: ψ_s = mean |clip(H_s)|, min-max normalised, softmax(ψ̃ / T)."""
+    psi = np.divide(abs_clipped_sum, counts, out=np.zeros_like(abs_clipped_sum, float),
+                    where=counts > 0)
+    span = psi.max() - psi.min()
+    norm = (psi - psi.min()) / span if span > 0 else np.zeros_like(psi)
+    logits = norm / temperature
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+@dataclass(frozen=True)
+class ZOResult:
+    """Accumulated per-seed scalars of one client's local round."""
+
+    indices: np.ndarray  # (n,) int32, ascending, unique
+    values: np.ndarray  # (n,) float32, Σ of that seed's g over the round
+    losses: list[float]
+    skipped: int
+
+
+@torch.no_grad()
+def zo_train(
+    params: Mapping[str, torch.Tensor],
+    loss_fn: Callable[[int], float],
+    seeds: Sequence[int],
+    cfg: FedKSeedConfig,
+    rng: np.random.Generator,
+    probs: np.ndarray | None = None,
+) -> ZOResult:
+    """``cfg.local_steps`` in-place two-point ZO steps (memory = inference).
+
+    ``loss_fn(step)`` evaluates the current weights on that step's batch (the same batch
+    for both evaluations of a step). Steps with a non-finite loss are skipped.
+    """
+    acc: dict[int, float] = {}
+    losses, skipped = [], 0
+    for step in range(cfg.local_steps):
+        k = int(rng.choice(len(seeds), p=probs)) if probs is not None else int(
+            rng.integers(len(seeds)))
+        g = _two_point(params, seeds[k], functools.partial(loss_fn, step), cfg.eps, losses)
+        if g is None:
+            skipped += 1
+            continue
+        perturb_(params, seeds[k], -cfg.lr * g)
+        acc[k] = acc.get(k, 0.0) + g
+    idx = np.array(sorted(acc), dtype=np.int32)
+    vals = np.array([acc[int(i)] for i in idx], dtype=np.float32)
+    return ZOResult(indices=idx, values=vals, losses=losses, skipped=skipped)
+
+
+def _two_point(
+    params: Mapping[str, torch.Tensor], seed: int, loss: Callable[[], float], eps: float,
+    losses: list[float],
+) -> float | None:
+    perturb_(params, seed, eps)
+    plus = loss()
+    perturb_(params, seed, -2 * eps)
+    minus = loss()
+    perturb_(params, seed, eps)
+    if not (math.isfinite(plus) and math.isfinite(minus)):
+        return None
+    losses.append(0.5 * (plus + minus))
+    return (plus - minus) / (2 * eps)
+
