@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client.seed_sync import sync_node
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition
@@ -34,7 +35,11 @@ def train(msg: Message, context: Context) -> Message:
                   context.run_config.get("config-dir") or "")
     pid, nparts = _partition_ids(context.node_config)
     method, model = _runtime(cfg)
-    method.set_state(model, wire.from_arrayrecord(msg.content[wire.ARRAYS_KEY]))
+    extra: dict = {}
+    if method.update_kind == "seeds":
+        extra = sync_node(method, model, msg, cfg.model, context.run_id, context.node_id)
+    else:
+        method.set_state(model, wire.from_arrayrecord(msg.content[wire.ARRAYS_KEY]))
     conf = msg.content[wire.CONFIG_KEY]
     ctx = TrainContext(
         server_round=int(conf.get("round", conf.get("server-round", 0))),
@@ -42,6 +47,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=cfg.run.seed,
         pad_token_id=int(get_tokenizer(cfg.model).pad_token_id),
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        extra=extra,
     )
     result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
     content = wire.reply_content(wire.encode_update(result.update), result.num_examples,
@@ -69,10 +75,14 @@ def _partition_ids(node_config: Any) -> tuple[int, int]:
 
 
 def _runtime(cfg: FedPeftConfig) -> tuple[ClientMethod, Any]:
-    method = build_method(cfg.method.name, cfg.method)
+    """The (method, attached model) pair of this process, built once per config."""
+
+    def build() -> tuple[ClientMethod, Any]:
+        method = build_method(cfg.method.name, cfg.method)
+        return method, method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed)
+
     key = (fingerprint(cfg.model), fingerprint(cfg.method), cfg.run.seed)
-    model = cached_model(key, lambda: method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed))
-    return method, model
+    return cached_model(key, build)
 
 
 @functools.lru_cache(maxsize=64)

@@ -26,10 +26,21 @@ class DenseUpdate:
 
 
 @dataclass(frozen=True)
+class SeedUpdate:
+    """FedKSeed upload: per-seed summed scalar gradients (index int32, value float32)."""
+
+    indices: np.ndarray
+    values: np.ndarray
+
+    def num_values(self) -> int:
+        return int(self.indices.size * 2)
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """What a client method returns after local training on one round."""
 
-    update: DenseUpdate
+    update: DenseUpdate | SeedUpdate
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
 

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.errors import UpdateRejected
-from fedpeft.types import ArrayDict, DenseUpdate
+from fedpeft.types import ArrayDict, DenseUpdate, SeedUpdate
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -37,8 +37,14 @@ def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: record[name].numpy() for name in record}
 
 
-def encode_update(update: DenseUpdate) -> ArrayRecord:
-    """Wire form of a dense update: one array per trainable tensor delta."""
+SEED_IDX_KEY, SEED_GRAD_KEY = "seed_idx", "seed_grad"
+
+
+def encode_update(update: DenseUpdate | SeedUpdate) -> ArrayRecord:
+    """Wire form of an update: one array per tensor delta, or the two seed vectors."""
+    if isinstance(update, SeedUpdate):
+        return to_arrayrecord({SEED_IDX_KEY: update.indices.astype(np.int32),
+                               SEED_GRAD_KEY: update.values.astype(np.float32)})
     return to_arrayrecord(update.deltas)
 
 

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose, load_components
+from fedpeft.errors import ConfigError
 from fedpeft.reporting import RunDir, resolve_resume
 from fedpeft.schema import to_dict
 from server.state import GlobalModel
@@ -49,7 +50,7 @@ def _open_run(cfg: FedPeftConfig) -> tuple[RunDir, int]:
 
 def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None:
     """Run rounds ``start_round+1 .. run.num_rounds`` with the configured strategy."""
-    from strategies import build_strategy
+    from strategies import STRATEGIES, build_strategy
     from strategies.decoding import DecodingStrategy
 
     load_components()
@@ -57,9 +58,14 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
     if remaining <= 0:
         log.info("fedpeft: run already has %d rounds; nothing to do", start_round)
         return
+    if start_round and cfg.method.name == "fedkseed":
+        raise ConfigError("run.resume is not supported for method=fedkseed yet")
     state = GlobalModel(cfg, run, start_round)
-    strategy = DecodingStrategy(build_strategy(cfg.strategy.name, cfg.strategy.params),
-                                round_offset=start_round)
+    strategy = build_strategy(cfg.strategy.name, cfg.strategy.params)
+    if hasattr(strategy, "bind_method"):
+        strategy.bind_method(cfg.method)
+    if STRATEGIES.get(cfg.strategy.name).wrap:
+        strategy = DecodingStrategy(strategy, round_offset=start_round)
     state.strategy = strategy
     log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
              cfg.run.num_rounds)

@@ -39,7 +39,7 @@ class GlobalModel:
             self.method.load(self.model, ckpt)
 
     def initial_state(self) -> dict:
-        return self.method.get_state(self.model)
+        return self.method.initial_global(self.model)
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate + checkpoint + record. Round 0 is the model before any training
@@ -48,7 +48,7 @@ class GlobalModel:
         if server_round == 0 and self.start_round:
             self._t_last = time.perf_counter()
             return None
-        self.method.set_state(self.model, wire.from_arrayrecord(arrays))
+        self.method.apply_global(self.model, wire.from_arrayrecord(arrays))
         t_eval = time.perf_counter()
         ev = self._evaluate(rnd)
         self._eval_s = time.perf_counter() - t_eval if ev else None

@@ -34,12 +34,14 @@ class StrategySpec:
         accepts: update kinds it aggregates (``dense`` = adapter/tensor deltas).
         paper: reference for the aggregation rule.
         fixed: keyword arguments always passed (not user-settable).
+        wrap: whether the server wraps it in ``DecodingStrategy`` (dense strategies).
     """
 
     factory: Callable[..., Strategy]
     accepts: frozenset[str] = frozenset({"dense"})
     paper: str = ""
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    wrap: bool = True  # wrap in DecodingStrategy (dense deltas -> full tensors)
 
 
 STRATEGIES: Registry[StrategySpec] = Registry("strategy")

@@ -9,8 +9,8 @@ with a frozen config dataclass (``config_cls``) that the config loader validates
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ class TrainContext:
     seed: int
     pad_token_id: int
     proximal_mu: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)  # method-specific inputs
 
 
 class ClientMethod(ABC):
@@ -65,6 +66,14 @@ class ClientMethod(ABC):
     @abstractmethod
     def train(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext) -> TrainResult:
         """Run one round of local training from the current state; return the update."""
+
+    def initial_global(self, model: nn.Module) -> dict[str, Any]:
+        """What the server broadcasts before round 1 (dense methods: the full state)."""
+        return self.get_state(model)
+
+    def apply_global(self, model: nn.Module, arrays: ArrayDict) -> None:
+        """Bring the server's model to the state a round's aggregate describes."""
+        self.set_state(model, arrays)
 
     def save(self, model: nn.Module, path: Path) -> None:
         """Write a checkpoint of the trainable state (override for library formats)."""

@@ -21,15 +21,21 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedpeft.data import collate
 from fedpeft.errors import ConfigError
+from fedpeft.methods.base import METHODS, ClientMethod, TrainContext
 from fedpeft.seeding import derive_seed, perturb_
+from fedpeft.types import SeedUpdate, TrainResult
 
 
 @dataclass(frozen=True)
@@ -154,3 +160,69 @@ def _two_point(
     losses.append(0.5 * (plus + minus))
     return (plus - minus) / (2 * eps)
 
+
+
+@METHODS.register("fedkseed")
+class FedKSeedMethod(ClientMethod):
+    """Client side of FedKSeed (+Pro): ZO local steps; the update is per-seed scalars."""
+
+    name = "fedkseed"
+    config_cls = FedKSeedConfig
+    update_kind = "seeds"
+
+    def attach(self, base_model: nn.Module, *, seed: int) -> nn.Module:
+        self._seeds = candidate_seeds(seed, self.cfg.num_seeds)
+        return base_model  # tuned in place: no adapter, no gradients, no optimizer state
+
+    def params(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return trainable_params(model, self.cfg.trainable)
+
+    def get_state(self, model: nn.Module) -> dict[str, np.ndarray]:
+        return {k: v.detach().to(torch.float32, copy=True).numpy()
+                for k, v in self.params(model).items()}
+
+    @torch.no_grad()
+    def set_state(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+        for k, p in self.params(model).items():
+            p.copy_(torch.as_tensor(np.asarray(state[k])))
+
+    def initial_global(self, model: nn.Module) -> dict[str, np.ndarray]:
+        return {}  # every party starts from the same base weights
+
+    def apply_global(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+        """Server replay of one round's aggregate ``{'idx', 'vals'}`` (empty at round 0)."""
+        if arrays:
+            apply_round(self.params(model), self._seeds, arrays["idx"], arrays["vals"],
+                        self.cfg.lr)
+
+    def replay(self, model: nn.Module, indices: np.ndarray, values: np.ndarray) -> None:
+        """Apply one round's aggregate (client catch-up; same function as the server)."""
+        apply_round(self.params(model), self._seeds, indices, values, self.cfg.lr)
+
+    def train(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext) -> TrainResult:
+        """tau ZO steps on batches drawn with a per-(round, client) seed."""
+        rng = np.random.default_rng([ctx.seed, ctx.server_round, ctx.partition_id])
+        size = min(self.cfg.batch_size, len(examples))
+        batches = [collate([examples[i] for i in rng.choice(len(examples), size, replace=False)],
+                           ctx.pad_token_id) for _ in range(self.cfg.local_steps)]
+        probs = ctx.extra.get("probs") if self.cfg.pro else None
+        t0 = time.perf_counter()
+        res = zo_train(self.params(model), lambda step: float(model(**batches[step]).loss),
+                       self._seeds, self.cfg, rng, probs)
+        metrics = {"train_loss": float(np.mean(res.losses)) if res.losses else float("nan"),
+                   "train_time_s": time.perf_counter() - t0, "skipped_steps": res.skipped}
+        return TrainResult(update=SeedUpdate(res.indices, res.values),
+                           num_examples=len(examples), metrics=metrics)
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """The tuned tensors as safetensors (loadable into the base model by name)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in self.params(model).items()},
+                  str(path / "trainable.safetensors"))
+
+    def load(self, model: nn.Module, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.set_state(model, {k: v.numpy() for k, v in
+                               load_file(str(path / "trainable.safetensors")).items()})
