@@ -41,9 +41,9 @@ def child(mode: str, steps: int) -> dict:
     from fedpeft.methods.fedkseed import (
         FedKSeedConfig,
         candidate_seeds,
-        trainable_params,
-        zo_train,
+            zo_train,
     )
+    from fedpeft.methods.replay import trainable_params
     from fedpeft.models import ModelConfig, load_causal_lm
 
     model, batch = load_causal_lm(ModelConfig()), _batch()

@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     pid, nparts = _partition_ids(context.node_config)
     method, model = _runtime(cfg)
     extra: dict = {}
-    if method.update_kind == "seeds":
+    if getattr(method, "replays", False):
         extra = sync_node(method, model, msg, cfg.model, context.run_id, context.node_id)
     else:
         method.set_state(model, wire.from_arrayrecord(msg.content[wire.ARRAYS_KEY]))

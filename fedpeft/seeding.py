@@ -71,6 +71,7 @@ __all__ = [
     "COMPILE_ENV",
     "MAX_TRUNCATION_BOUND",
     "add_normal_",
+    "add_truncated_",
     "compile_enabled",
     "derive_seed",
     "normal_",
@@ -400,10 +401,21 @@ def _fill_truncated_kernel(
     out.copy_((fixed.to(torch.float64) * unit).to(out.dtype))
 
 
+def _add_truncated_kernel(
+    param: torch.Tensor, consts: torch.Tensor, table: torch.Tensor, unit: torch.Tensor,
+    scale: torch.Tensor,
+) -> None:
+    """param[:] += scale · truncated z via float64 (the product is exact: 24 x 23 bits)."""
+    fixed = _truncated_fixed(_hash(consts, param.numel(), param.device), table)
+    step = fixed.to(torch.float64) * (scale * unit)  # scale·2^-S is exact (power of two)
+    param.copy_((param.to(torch.float64) + step).to(param.dtype))
+
+
 _KERNELS: dict[str, Callable[..., None]] = {
     "normal": _fill_normal_kernel,
     "add_normal": _add_normal_kernel,
     "truncated": _fill_truncated_kernel,
+    "add_truncated": _add_truncated_kernel,
 }
 
 
@@ -595,6 +607,29 @@ def truncated_normal_(
         out, lambda flat: _for_each_chunk(flat, seed, offset, "truncated", compile, table, unit)
     )
     return out
+
+
+def add_truncated_(
+    param: torch.Tensor, seed: int, bound: float, scale: float, offset: int = 0, *,
+    compile: bool | None = None,
+) -> None:
+    """``param += scale · v`` with v the truncated-normal stream of :func:`truncated_normal_`.
+
+    Fused like :func:`add_normal_` and exact the same way: ``round(param + float32(scale)·v)``
+    with the product formed exactly in float64, so it is bit-identical on every device. On a
+    float64 ``param`` the only rounding is the float64 add (Ferret accumulates block
+    reconstructions that way, then rounds once into the weights).
+    """
+    _check_float_tensor(param, "param")
+    seed, offset = _check_seed(seed), _check_offset(offset, param.numel())
+    knots, grid_bits = _truncated_knots(_check_bound(bound))
+    table = _table(("truncated", float(bound)), knots, param.device)
+    unit = torch.tensor(2.0**-grid_bits, dtype=torch.float64, device=param.device)
+    scale_t = torch.tensor(_float32_scale(scale), dtype=torch.float64, device=param.device)
+    _in_place_flat(
+        param, lambda flat: _for_each_chunk(flat, seed, offset, "add_truncated", compile, table,
+                                            unit, scale_t)
+    )
 
 
 def perturb_(

@@ -37,10 +37,22 @@ class SeedUpdate:
 
 
 @dataclass(frozen=True)
+class ProjectedUpdate:
+    """Ferret upload: the client's basis seed, bases per block (int32), coordinates γ."""
+
+    seed: int
+    counts: np.ndarray
+    gammas: np.ndarray
+
+    def num_values(self) -> int:
+        return int(1 + self.counts.size + self.gammas.size)
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """What a client method returns after local training on one round."""
 
-    update: DenseUpdate | SeedUpdate
+    update: DenseUpdate | SeedUpdate | ProjectedUpdate
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
 
@@ -55,6 +67,9 @@ class RoundRecord:
     eval_loss: float | None = None
     eval_accuracy: float | None = None
     eval_time_s: float | None = None
+    client_train_s: float | None = None  # mean over clients: local training (+ projection)
+    server_aggregate_s: float | None = None  # strategy aggregate_train
+    server_apply_s: float | None = None  # bringing the server model to the new global
     num_clients: int = 0
     num_rejected: int = 0
     bytes_up: Mapping[str, int] = field(default_factory=dict)

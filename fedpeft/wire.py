@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.errors import UpdateRejected
-from fedpeft.types import ArrayDict, DenseUpdate, SeedUpdate
+from fedpeft.types import ArrayDict, DenseUpdate, ProjectedUpdate, SeedUpdate
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -38,13 +38,19 @@ def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 SEED_IDX_KEY, SEED_GRAD_KEY = "seed_idx", "seed_grad"
+PROJ_SEED_KEY, PROJ_COUNTS_KEY, PROJ_GAMMA_KEY = "proj_seed", "proj_counts", "proj_gamma"
 
 
-def encode_update(update: DenseUpdate | SeedUpdate) -> ArrayRecord:
-    """Wire form of an update: one array per tensor delta, or the two seed vectors."""
+def encode_update(update: DenseUpdate | SeedUpdate | ProjectedUpdate) -> ArrayRecord:
+    """Wire form of an update: one array per tensor delta, the two seed vectors, or a
+    projection (seed, counts, coordinates)."""
     if isinstance(update, SeedUpdate):
         return to_arrayrecord({SEED_IDX_KEY: update.indices.astype(np.int32),
                                SEED_GRAD_KEY: update.values.astype(np.float32)})
+    if isinstance(update, ProjectedUpdate):
+        return to_arrayrecord({PROJ_SEED_KEY: np.array([update.seed], np.int64),
+                               PROJ_COUNTS_KEY: update.counts.astype(np.int32),
+                               PROJ_GAMMA_KEY: update.gammas.astype(np.float32)})
     return to_arrayrecord(update.deltas)
 
 

@@ -14,7 +14,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose, load_components
-from fedpeft.errors import ConfigError
 from fedpeft.reporting import RunDir, resolve_resume
 from fedpeft.schema import to_dict
 from server.state import GlobalModel
@@ -58,12 +57,13 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
     if remaining <= 0:
         log.info("fedpeft: run already has %d rounds; nothing to do", start_round)
         return
-    if start_round and cfg.method.name == "fedkseed":
-        raise ConfigError("run.resume is not supported for method=fedkseed yet")
     state = GlobalModel(cfg, run, start_round)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.params)
-    if hasattr(strategy, "bind_method"):
-        strategy.bind_method(cfg.method)
+    if hasattr(strategy, "bind_method"):  # replay strategies (FedKSeed, Ferret)
+        strategy.bind_method(state.method)
+        if start_round:
+            strategy.load(state.checkpoint)
+            strategy.round_offset = start_round
     if STRATEGIES.get(cfg.strategy.name).wrap:
         strategy = DecodingStrategy(strategy, round_offset=start_round)
     state.strategy = strategy

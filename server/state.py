@@ -34,9 +34,11 @@ class GlobalModel:
         self.history: list[RoundRecord] = []
         self._t_last = time.perf_counter()
         self._eval_s: float | None = None
+        self._apply_s: float | None = None
+        self.checkpoint = None
         if start_round:
-            _, _, ckpt = resolve_resume(cfg.run.resume or "")
-            self.method.load(self.model, ckpt)
+            _, _, self.checkpoint = resolve_resume(cfg.run.resume or "")
+            self.method.load(self.model, self.checkpoint)
 
     def initial_state(self) -> dict:
         return self.method.initial_global(self.model)
@@ -48,8 +50,10 @@ class GlobalModel:
         if server_round == 0 and self.start_round:
             self._t_last = time.perf_counter()
             return None
+        t_apply = time.perf_counter()
         self.method.apply_global(self.model, wire.from_arrayrecord(arrays))
         t_eval = time.perf_counter()
+        self._apply_s = t_eval - t_apply
         ev = self._evaluate(rnd)
         self._eval_s = time.perf_counter() - t_eval if ev else None
         if rnd > 0 and self.cfg.run.checkpoint:
@@ -78,6 +82,8 @@ class GlobalModel:
         path = self.run.checkpoint_dir(rnd)
         path.mkdir(parents=True, exist_ok=True)
         self.method.save(self.model, path)
+        if hasattr(self.strategy, "save"):  # replay strategies: history for catch-up
+            self.strategy.save(path)
         (path / ".complete").write_text(str(rnd))
 
     def _record(self, rnd: int, server_round: int, ev: Any) -> RoundRecord:
@@ -90,6 +96,9 @@ class GlobalModel:
             eval_loss=ev.loss if ev else None,
             eval_accuracy=ev.accuracy if ev else None,
             eval_time_s=self._eval_s,
+            client_train_s=_client_seconds(train),
+            server_aggregate_s=traffic.aggregate_s if traffic else None,
+            server_apply_s=self._apply_s,
             num_clients=traffic.accepted if traffic else 0,
             num_rejected=len(traffic.rejected) if traffic else 0,
             bytes_up=dict(traffic.bytes_up) if traffic else {},
@@ -105,6 +114,12 @@ class GlobalModel:
                      evals[0].eval_accuracy, evals[0].round,
                      evals[-1].eval_accuracy, evals[-1].round)
         log.info("fedpeft: metrics in %s", self.run.metrics_path)
+
+
+def _client_seconds(train: Any) -> float | None:
+    """Mean client seconds of local work: training plus projection (Ferret)."""
+    parts = [_metric(train, k) for k in ("train_time_s", "project_time_s")]
+    return None if parts[0] is None else parts[0] + (parts[1] or 0.0)
 
 
 def _metric(record: Any, key: str) -> float | None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -36,6 +38,16 @@ class RoundTraffic:
     payload_bytes_up: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     accepted: int = 0
+    aggregate_s: float = 0.0  # server wall time spent in aggregate_train
+
+
+def timed_aggregate(strategy: Any, body: Callable[..., Any], *args: Any) -> Any:
+    """Run ``body(*args)`` and record its wall time as ``strategy.traffic.aggregate_s``."""
+    t0 = time.perf_counter()
+    try:
+        return body(*args)
+    finally:
+        strategy.traffic.aggregate_s = time.perf_counter() - t0
 
 
 class DecodingStrategy(Strategy):
@@ -65,6 +77,11 @@ class DecodingStrategy(Strategy):
         return messages
 
     def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return timed_aggregate(self, self._aggregate, server_round, replies)
+
+    def _aggregate(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         decoded = [m for m in (self._decode(r) for r in replies) if m is not None]

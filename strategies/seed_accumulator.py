@@ -5,8 +5,8 @@ Paper: Qin et al., ICML 2024, arXiv 2312.06353 (FedKSeed and FedKSeed-Pro).
 
 The global model is defined by replaying each round's aggregated scalars (ΔA_r) in order
 (``fedpeft.methods.fedkseed.apply_round``). A client last synced at round r' therefore needs
-exactly the rounds r'+1 .. r-1, which :meth:`SeedAccumulator.since` returns; the running
-sum ``A`` is kept for Pro statistics and reporting.
+exactly the rounds r'+1 .. r-1, which :meth:`SeedAccumulator.since` encodes (each round
+sparse or dense, whichever is smaller); the running sum ``A`` is kept for reporting.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedpeft.errors import UpdateRejected
-from fedpeft.methods.fedkseed import pro_probabilities
+from fedpeft.methods.fedkseed import decode_history, encode_history, pro_probabilities
 
 
 @dataclass(frozen=True)
@@ -74,29 +74,37 @@ class SeedAccumulator:
             clipped = np.clip(r.values.astype(np.float64), -self.pro_clip, self.pro_clip)
             np.add.at(self._abs_sum, r.indices.astype(np.int64), np.abs(clipped))
             np.add.at(self._count, r.indices.astype(np.int64), 1)
-        idx = np.flatnonzero(delta).astype(np.int32)
+        idx = np.flatnonzero(delta.astype(np.float32)).astype(np.int32)  # no zero entries
         vals = delta[idx].astype(np.float32)
         self.total[idx] += vals
         self.history.append((idx, vals))
         return idx, vals
 
-    def since(self, synced_round: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(round, index, value) of every ΔA after ``synced_round``, in replay order."""
-        parts = [(np.full(i.size, r, np.int32), i, v)
-                 for r, (i, v) in enumerate(self.history, start=1) if r > synced_round]
-        if not parts:
-            empty_i = np.zeros(0, np.int32)
-            return empty_i, empty_i.copy(), np.zeros(0, np.float32)
-        rounds, idx, vals = (np.concatenate(x) for x in zip(*parts, strict=True))
-        return rounds, idx, vals
+    def since(self, synced_round: int) -> dict[str, np.ndarray]:
+        """Wire arrays of every ΔA after ``synced_round`` (``encode_history``'s format)."""
+        rounds = [(r, i, v) for r, (i, v) in enumerate(self.history, start=1)
+                  if r > synced_round]
+        return encode_history(rounds, self.num_seeds)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything needed to resume: the full history plus Pro statistics."""
+        return {**encode_history([(r, i, v) for r, (i, v) in enumerate(self.history, 1)],
+                                 self.num_seeds),
+                "pro_abs_sum": self._abs_sum, "pro_count": self._count,
+                "num_rounds": np.array([self.rounds], np.int64)}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`state` (resume from a checkpoint)."""
+        self.__post_init__()
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+        self.history = [empty] * int(arrays["num_rounds"][0])  # rounds with no ΔA stay empty
+        for rnd, idx, vals in decode_history(arrays):
+            self.history[rnd - 1] = (idx, vals)
+            self.total[idx] += vals
+        self._abs_sum = np.asarray(arrays["pro_abs_sum"], np.float64).copy()
+        self._count = np.asarray(arrays["pro_count"], np.int64).copy()
 
     def probabilities(self, temperature: float = 1.0) -> np.ndarray:
         """FedKSeed-Pro sampling probabilities from the clipped scalar history."""
         return pro_probabilities(self._abs_sum, self._count, temperature)
 
-
-def split_rounds(
-    rounds: np.ndarray, idx: np.ndarray, vals: np.ndarray
-) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Undo :meth:`SeedAccumulator.since`: per-round (round, indices, values), ascending."""
-    return [(int(r), idx[rounds == r], vals[rounds == r]) for r in np.unique(rounds)]

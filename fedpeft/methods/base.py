@@ -9,13 +9,17 @@ with a frozen config dataclass (``config_cls``) that the config loader validates
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
 from torch import nn
 
+from fedpeft.data import collate
 from fedpeft.registry import Registry
 from fedpeft.types import ArrayDict, TrainResult
 
@@ -98,3 +102,27 @@ def cached_model(key: tuple[Any, ...], factory: Any) -> nn.Module:
     if key not in _MODEL_CACHE:
         _MODEL_CACHE[key] = factory()
     return _MODEL_CACHE[key]
+
+
+@contextmanager
+def seeded_training(model: nn.Module, ctx: TrainContext) -> Iterator[np.random.Generator]:
+    """Train mode plus a generator for batch draws, both seeded per (run, round, client).
+
+    Dropout draws from torch's RNG, so it is seeded inside a fork: local training is
+    reproducible and the caller's RNG state is left untouched.
+    """
+    gen = np.random.default_rng([ctx.seed, ctx.server_round, ctx.partition_id])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(gen.integers(2**63 - 1)))
+        model.train()
+        try:
+            yield gen
+        finally:
+            model.eval()
+
+
+def draw_batch(gen: np.random.Generator, examples: Sequence[Any], size: int,
+               pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A collated batch of ``size`` distinct examples (fewer if the partition is small)."""
+    idx = gen.choice(len(examples), size=min(size, len(examples)), replace=False)
+    return collate([examples[i] for i in idx], pad_token_id)

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,8 @@ from torch import nn
 
 from fedpeft.data import collate
 from fedpeft.errors import ConfigError
-from fedpeft.methods.base import METHODS, ClientMethod, TrainContext
+from fedpeft.methods.base import METHODS, TrainContext
+from fedpeft.methods.replay import ReplayMethod, check_trainable
 from fedpeft.seeding import derive_seed, perturb_
 from fedpeft.types import SeedUpdate, TrainResult
 
@@ -58,27 +57,12 @@ class FedKSeedConfig:
             raise ConfigError("method.num_seeds, local_steps and batch_size must be >= 1")
         if not (self.eps > 0 and self.lr > 0 and self.pro_temperature > 0):
             raise ConfigError("method.eps, method.lr and method.pro_temperature must be > 0")
-        if self.trainable != "all":
-            try:
-                re.compile(self.trainable)
-            except re.error as exc:
-                raise ConfigError(f"method.trainable is not a valid regex: {exc}") from None
+        check_trainable(self.trainable)
 
 
 def candidate_seeds(run_seed: int, k: int) -> list[int]:
     """The K shared seeds, derived once from the run seed (same on every party)."""
     return [derive_seed(run_seed, "fedkseed", i) for i in range(k)]
-
-
-def trainable_params(model: nn.Module, pattern: str) -> dict[str, torch.Tensor]:
-    """Name -> parameter for the tuned subset (sorted names define z's layout)."""
-    named = dict(model.named_parameters())
-    if pattern != "all":
-        rx = re.compile(pattern)
-        named = {n: p for n, p in named.items() if rx.search(n)}
-    if not named:
-        raise ConfigError(f"method.trainable={pattern!r} matches no parameter")
-    return {n: named[n] for n in sorted(named)}
 
 
 @torch.no_grad()
@@ -104,6 +88,46 @@ def pro_probabilities(
     logits = norm / temperature
     e = np.exp(logits - logits.max())
     return e / e.sum()
+
+
+Round = tuple[int, np.ndarray, np.ndarray]  # (round, ascending seed indices, ΔA values)
+
+
+def encode_history(rounds: Sequence[Round], num_seeds: int) -> dict[str, np.ndarray]:
+    """Wire form of several rounds' ΔA, each round in its smaller encoding.
+
+    Sparse rounds travel as ``hist_round/hist_idx/hist_val`` (8 bytes per touched seed);
+    a round touching more than K/2 seeds travels as a dense row of ``dense_val`` (4 bytes per
+    seed, K per round) with its number in ``dense_round``. Zero entries are never sent, so
+    both encodings decode to the same (indices, values). Groups with no rounds are omitted.
+    """
+    sparse = [r for r in rounds if 2 * r[1].size <= num_seeds]
+    dense = [r for r in rounds if 2 * r[1].size > num_seeds]
+    out: dict[str, np.ndarray] = {}
+    if sparse:
+        out["hist_round"] = np.concatenate([np.full(i.size, r, np.int32) for r, i, _ in sparse])
+        out["hist_idx"] = np.concatenate([i.astype(np.int32) for _, i, _ in sparse])
+        out["hist_val"] = np.concatenate([v.astype(np.float32) for _, _, v in sparse])
+    if dense:
+        rows = np.zeros((len(dense), num_seeds), np.float32)
+        for row, (_, i, v) in zip(rows, dense, strict=True):
+            row[i] = v
+        out["dense_round"] = np.array([r for r, _, _ in dense], np.int32)
+        out["dense_val"] = rows
+    return out
+
+
+def decode_history(arrays: Mapping[str, np.ndarray]) -> list[Round]:
+    """Inverse of :func:`encode_history`: per-round (round, indices, values), ascending."""
+    rounds: list[Round] = []
+    if "hist_round" in arrays:
+        r_all, i_all, v_all = arrays["hist_round"], arrays["hist_idx"], arrays["hist_val"]
+        rounds += [(int(r), i_all[r_all == r], v_all[r_all == r]) for r in np.unique(r_all)]
+    if "dense_round" in arrays:
+        for r, row in zip(arrays["dense_round"], arrays["dense_val"], strict=True):
+            idx = np.flatnonzero(row).astype(np.int32)
+            rounds.append((int(r), idx, row[idx]))
+    return sorted(rounds, key=lambda x: x[0])
 
 
 @dataclass(frozen=True)
@@ -161,9 +185,8 @@ def _two_point(
     return (plus - minus) / (2 * eps)
 
 
-
 @METHODS.register("fedkseed")
-class FedKSeedMethod(ClientMethod):
+class FedKSeedMethod(ReplayMethod):
     """Client side of FedKSeed (+Pro): ZO local steps; the update is per-seed scalars."""
 
     name = "fedkseed"
@@ -174,30 +197,20 @@ class FedKSeedMethod(ClientMethod):
         self._seeds = candidate_seeds(seed, self.cfg.num_seeds)
         return base_model  # tuned in place: no adapter, no gradients, no optimizer state
 
-    def params(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_params(model, self.cfg.trainable)
-
-    def get_state(self, model: nn.Module) -> dict[str, np.ndarray]:
-        return {k: v.detach().to(torch.float32, copy=True).numpy()
-                for k, v in self.params(model).items()}
-
-    @torch.no_grad()
-    def set_state(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
-        for k, p in self.params(model).items():
-            p.copy_(torch.as_tensor(np.asarray(state[k])))
-
-    def initial_global(self, model: nn.Module) -> dict[str, np.ndarray]:
-        return {}  # every party starts from the same base weights
-
     def apply_global(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         """Server replay of one round's aggregate ``{'idx', 'vals'}`` (empty at round 0)."""
         if arrays:
-            apply_round(self.params(model), self._seeds, arrays["idx"], arrays["vals"],
-                        self.cfg.lr)
+            self.replay(model, arrays["idx"], arrays["vals"])
 
     def replay(self, model: nn.Module, indices: np.ndarray, values: np.ndarray) -> None:
         """Apply one round's aggregate (client catch-up; same function as the server)."""
         apply_round(self.params(model), self._seeds, indices, values, self.cfg.lr)
+
+    def catch_up(self, model: nn.Module, arrays: Mapping[str, np.ndarray], after: int,
+                 upto: int) -> None:
+        for rnd, idx, vals in decode_history(arrays):
+            if after < rnd <= upto:
+                self.replay(model, idx, vals)
 
     def train(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext) -> TrainResult:
         """tau ZO steps on batches drawn with a per-(round, client) seed."""
@@ -213,16 +226,3 @@ class FedKSeedMethod(ClientMethod):
                    "train_time_s": time.perf_counter() - t0, "skipped_steps": res.skipped}
         return TrainResult(update=SeedUpdate(res.indices, res.values),
                            num_examples=len(examples), metrics=metrics)
-
-    def save(self, model: nn.Module, path: Path) -> None:
-        """The tuned tensors as safetensors (loadable into the base model by name)."""
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in self.params(model).items()},
-                  str(path / "trainable.safetensors"))
-
-    def load(self, model: nn.Module, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.set_state(model, {k: v.numpy() for k, v in
-                               load_file(str(path / "trainable.safetensors")).items()})

@@ -26,9 +26,9 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 from peft.utils import load_peft_weights
 from torch import nn
 
-from fedpeft.data import Encoded, collate
+from fedpeft.data import Encoded
 from fedpeft.errors import ConfigError
-from fedpeft.methods.base import METHODS, ClientMethod, TrainContext
+from fedpeft.methods.base import METHODS, ClientMethod, TrainContext, draw_batch, seeded_training
 from fedpeft.types import ArrayDict, DenseUpdate, TrainResult
 
 _DEFAULT_ADAPTER: dict[str, Any] = {
@@ -127,19 +127,11 @@ class LoraMethod(ClientMethod):
         params = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params] if ctx.proximal_mu > 0 else None
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        gen = np.random.default_rng([ctx.seed, ctx.server_round, ctx.partition_id])
         t0, losses = time.perf_counter(), []
-        # Dropout draws from torch's RNG: seed it per (run, round, client) inside a fork so
-        # local training is reproducible and the caller's RNG state is left untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(gen.integers(2**63 - 1)))
-            model.train()
+        with seeded_training(model, ctx) as gen:
             for _ in range(self.cfg.local_steps):
-                idx = gen.choice(len(examples), size=min(self.cfg.batch_size, len(examples)),
-                                 replace=False)
-                batch = collate([examples[i] for i in idx], ctx.pad_token_id)
+                batch = draw_batch(gen, examples, self.cfg.batch_size, ctx.pad_token_id)
                 losses.append(self._step(model, opt, params, batch, anchor, ctx.proximal_mu))
-            model.eval()
         end = self.get_state(model)
         update = DenseUpdate({k: end[k] - start[k] for k in start})
         finite = [x for x in losses if math.isfinite(x)]

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedpeft import wire
 from fedpeft.config import compose
+from fedpeft.methods import METHODS
 from strategies import STRATEGIES, build_strategy
 from strategies.decoding import DecodingStrategy
 
@@ -29,8 +30,11 @@ DENSE = [n for n in STRATEGIES.names() if "dense" in STRATEGIES.get(n).accepts]
 
 
 def _compose(name: str):
-    method = "" if "dense" in STRATEGIES.get(name).accepts else " method=fedkseed"
-    return compose(f"strategy={name}{method}")
+    """Compose the strategy with a method whose update kind it accepts."""
+    accepts = STRATEGIES.get(name).accepts
+    method = next(m for m in ("lora", "fedkseed", "ferret")
+                  if METHODS.get(m).update_kind in accepts)
+    return compose(f"strategy={name} method={method}")
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())

@@ -74,3 +74,12 @@ def test_incompatible_update_kind_names_fitting_strategies(monkeypatch) -> None:
     with pytest.raises(IncompatibleComponentsError) as err:
         compose()
     assert "fedavg" in str(err.value) and "seeds" in str(err.value)
+
+
+@pytest.mark.parametrize(("method", "right"), [("fedkseed", "fedkseed"), ("ferret", "ferret")])
+def test_seed_methods_with_a_dense_strategy_fail_naming_the_right_one(method, right) -> None:
+    with pytest.raises(IncompatibleComponentsError) as err:
+        compose(f"method={method} strategy=fedavg")
+    assert f"strategies that can: {right}" in str(err.value)
+    with pytest.raises(IncompatibleComponentsError, match=r"strategies that can: .*fedavg"):
+        compose(f"method=lora strategy={method}")

@@ -13,9 +13,9 @@ from fedpeft.methods.fedkseed import (
     apply_round,
     candidate_seeds,
     pro_probabilities,
-    trainable_params,
     zo_train,
 )
+from fedpeft.methods.replay import trainable_params
 from fedpeft.models import ModelConfig, load_causal_lm
 from fedpeft.seeding import normal_
 

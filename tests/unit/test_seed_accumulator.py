@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedpeft.errors import UpdateRejected
-from fedpeft.methods.fedkseed import apply_round, candidate_seeds
-from strategies.seed_accumulator import SeedAccumulator, SeedReply, check_reply, split_rounds
+from fedpeft.methods.fedkseed import apply_round, candidate_seeds, decode_history
+from strategies.seed_accumulator import SeedAccumulator, SeedReply, check_reply
 
 
 def _reply(idx, vals, w=1.0) -> SeedReply:
@@ -30,11 +30,12 @@ def test_since_returns_exactly_the_missed_rounds_in_order() -> None:
     for r in range(1, 6):
         acc.add_round([_reply([r], [float(r)])])
 
-    rounds, idx, vals = acc.since(2)
+    got = decode_history(acc.since(2))
 
-    assert [r for r, _, _ in split_rounds(rounds, idx, vals)] == [3, 4, 5]
-    assert idx.tolist() == [3, 4, 5] and vals.tolist() == [3.0, 4.0, 5.0]
-    assert acc.since(5)[0].size == 0
+    assert [r for r, _, _ in got] == [3, 4, 5]
+    assert [i.tolist() for _, i, _ in got] == [[3], [4], [5]]
+    assert [v.tolist() for _, _, v in got] == [[3.0], [4.0], [5.0]]
+    assert acc.since(5) == {}
 
 
 def test_catch_up_from_history_equals_server_replay_bit_for_bit() -> None:
@@ -48,7 +49,7 @@ def test_catch_up_from_history_equals_server_replay_bit_for_bit() -> None:
         apply_round(server, seeds, d_idx, d_vals, lr=0.01)
     client = {"w": torch.zeros(5000)}
 
-    for _, idx, vals in split_rounds(*acc.since(0)):  # a never-seen client: all rounds
+    for _, idx, vals in decode_history(acc.since(0)):  # a never-seen client: all rounds
         apply_round(client, seeds, idx, vals, lr=0.01)
 
     assert torch.equal(client["w"], server["w"])
@@ -77,3 +78,37 @@ def test_pro_statistics_use_clipped_absolute_scalars() -> None:
 
     norm = np.array([2.0, 0.0, 1000.0]) / 1000.0
     np.testing.assert_allclose(p, np.exp(norm) / np.exp(norm).sum(), rtol=1e-12)
+
+
+def test_dense_rounds_are_smaller_and_decode_identically() -> None:
+    k = 64
+    acc = SeedAccumulator(num_seeds=k)
+    acc.add_round([_reply([1, 2, 3], [1.0, -2.0, 3.0])])  # few seeds: sparse
+    many = np.arange(0, k, 1)
+    acc.add_round([_reply(many, np.linspace(-1, 1, k) + 0.01)])  # > K/2 seeds: dense
+    acc.add_round([_reply([0], [1e-50])])  # underflows to 0 in float32: nothing to send
+
+    arrays = acc.since(0)
+
+    assert arrays["hist_round"].tolist() == [1, 1, 1]
+    assert arrays["dense_round"].tolist() == [2] and arrays["dense_val"].shape == (1, k)
+    assert acc.history[2][0].size == 0
+    decoded = decode_history(arrays)
+    assert [r for r, _, _ in decoded] == [1, 2]
+    for (idx, vals), (_, d_idx, d_vals) in zip(acc.history[:2], decoded, strict=True):
+        assert np.array_equal(idx, d_idx) and np.array_equal(vals, d_vals)
+    dense_bytes = arrays["dense_val"].nbytes
+    assert dense_bytes < 8 * k  # the sparse form of round 2 would take 8 bytes per seed
+
+
+def test_state_round_trip_restores_history_and_pro_statistics() -> None:
+    acc = SeedAccumulator(num_seeds=8)
+    acc.add_round([_reply([1, 3], [2.0, 4.0])])
+    acc.add_round([_reply([3, 5], [-4.0, 1.0])])
+    again = SeedAccumulator(num_seeds=8)
+
+    again.load_state(acc.state())
+
+    assert again.rounds == 2 and np.array_equal(again.total, acc.total)
+    np.testing.assert_array_equal(again.probabilities(), acc.probabilities())
+    assert decode_history(again.since(1))[0][1].tolist() == [3, 5]

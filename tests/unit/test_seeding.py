@@ -221,6 +221,29 @@ def test_truncated_normal_small_bound_and_golden_values() -> None:
     assert golden.tolist() == [-2178173.0, -488021.0, -620664.0]
 
 
+def test_add_truncated_equals_exact_reference() -> None:
+    bound, scale = 1 / math.sqrt(4096), -0.37
+    base = torch.linspace(-1, 1, 5000)
+    v = seeding.truncated_normal_(torch.empty(5000, dtype=torch.float64), 9, bound, 17)
+    expected = (base.double() + v * seeding._float32_scale(scale)).float()
+    got = base.clone()
+    seeding.add_truncated_(got, 9, bound, scale, 17, compile=False)
+    assert torch.equal(got, expected)
+    acc = torch.zeros(5000, dtype=torch.float64)  # float64 accumulator: exact products
+    seeding.add_truncated_(acc, 9, bound, 0.5, 17)
+    assert torch.equal(acc, v * 0.5)
+
+
+def test_add_truncated_compiled_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(seeding, "_COMPILED_CHUNK", 4099)
+    base = torch.linspace(-1, 1, 20_000)
+    eager, fused = base.clone(), base.clone()
+    seeding.add_truncated_(eager, 4, 0.01, 2.5e-3, 3, compile=False)
+    seeding.add_truncated_(fused, 4, 0.01, 2.5e-3, 3, compile=True)
+    assert ("add_truncated", "cpu") not in seeding._COMPILE_FAILED
+    assert torch.equal(eager, fused) and not torch.equal(eager, base)
+
+
 # --------------------------------------------------------------------------- compiled path
 
 
@@ -307,6 +330,10 @@ def test_cuda_matches_cpu_bitwise() -> None:
     trunc_cpu = seeding.truncated_normal_(torch.empty(n), seed, 1e-3, compile=False)
     trunc_gpu = seeding.truncated_normal_(torch.empty(n, device="cuda"), seed, 1e-3)
     assert torch.equal(trunc_gpu.cpu(), trunc_cpu)
+    acc_cpu, acc_gpu = base.clone(), base.cuda()
+    seeding.add_truncated_(acc_cpu, seed, 1e-3, -0.7, offset, compile=False)
+    seeding.add_truncated_(acc_gpu, seed, 1e-3, -0.7, offset, compile=True)
+    assert torch.equal(acc_gpu.cpu(), acc_cpu)
 
 
 @CUDA
