@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, Metadata
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft import wire
 from fedpeft.methods.fedkseed import FedKSeedConfig, FedKSeedMethod
@@ -77,7 +78,7 @@ def bytes_vs_clients(k: int, tau: int, counts: list[int]) -> list[dict]:
             "up_bytes_max": max(up), "up_payload_max": max(up_payload),
             "down_bytes": wire.message_bytes(down),
             "down_payload": wire.payload_bytes(down.content[wire.ARRAYS_KEY]),
-            "down_encoding": "dense" if touched * 2 > k else "sparse",
+            "down_encoding": "dense" if "dense_val" in down.content[wire.ARRAYS_KEY] else "sparse",
         })
         print(rows[-1], flush=True)
     return rows
@@ -118,11 +119,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--tau", type=int, default=200)
-    parser.add_argument("--trainable", default=r"layers\.(2[4-9])\.mlp\.down_proj")
+    parser.add_argument("--trainable", default=r"layers\.2[4-9]\.mlp\.down_proj")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench/results/fedkseed_scaling-cpu.json"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp
     result = {
         "device": f"cpu ({platform.processor() or platform.machine()}, "
                   f"{torch.get_num_threads()} threads)",

@@ -36,7 +36,7 @@ METHODS: dict[str, list[str]] = {
     "lora-fedavg": ["method=lora", "strategy=fedavg"],
     "fedkseed": ["method=fedkseed", "strategy=fedkseed", "method.num_seeds=4096",
                  "method.local_steps=200", "method.lr=2e-5", "method.eps=1e-3",
-                 "method.trainable=layers\\.(2[4-9])\\.mlp\\.down_proj"],
+                 "method.trainable='layers\\.2[4-9]\\.mlp\\.down_proj'"],
     "ferret": ["method=ferret", "strategy=ferret", "method.num_bases=8192",
                "method.local_steps=10", "method.batch_size=4", "method.lr=1e-3",
                "strategy.global_lr=3.0"],
@@ -63,7 +63,8 @@ def summarize(result: dict) -> dict:
     rounds = [r for r in result["records"] if r["round"] > 0]
 
     def mean_of(key: str) -> float:
-        return statistics.fmean(v for r in rounds for v in r[key].values())
+        values = [v for r in rounds for v in r.get(key, {}).values()]
+        return statistics.fmean(values) if values else float("nan")
 
     def mean_field(key: str) -> float | None:
         values = [r[key] for r in rounds if r.get(key) is not None]
@@ -72,7 +73,8 @@ def summarize(result: dict) -> dict:
     first, last = result["records"][0], result["records"][-1]
     return {
         "bytes_up": mean_of("bytes_up"), "payload_up": mean_of("payload_bytes_up"),
-        "bytes_down": mean_of("bytes_down"), "client_s": mean_field("client_train_s"),
+        "bytes_down": mean_of("bytes_down"),
+        "payload_down": mean_of("payload_bytes_down"), "client_s": mean_field("client_train_s"),
         "server_aggregate_s": mean_field("server_aggregate_s"),
         "server_apply_s": mean_field("server_apply_s"),
         "round_wall_s": mean_field("wall_time_s"),
@@ -84,12 +86,13 @@ def summarize(result: dict) -> dict:
 
 def table(summary: dict[str, dict], rounds: int) -> str:
     """Markdown table (bytes per client per round; seconds per round)."""
-    head = ("| method | up B/client | payload B | down B/client | client s | server agg s "
+    head = ("| method | up B/client (payload) | down B/client (payload) | client s | server agg s "
             f"| server apply s | loss r0→r{rounds} | acc r0→r{rounds} |")
-    rows = [head, "|" + "---|" * 9]
+    rows = [head, "|" + "---|" * 8]
     for name, s in summary.items():
         rows.append(
-            f"| {name} | {s['bytes_up']:,.0f} | {s['payload_up']:,.0f} | {s['bytes_down']:,.0f} "
+            f"| {name} | {s['bytes_up']:,.0f} ({s['payload_up']:,.0f}) "
+            f"| {s['bytes_down']:,.0f} ({s.get('payload_down', float('nan')):,.0f}) "
             f"| {s['client_s']:.1f} | {s['server_aggregate_s']:.3f} | {s['server_apply_s']:.2f} "
             f"| {s['loss_0']:.3f}→{s['loss_last']:.3f} | {s['acc_0']:.3f}→{s['acc_last']:.3f} |")
     return "\n".join(rows)
@@ -100,16 +103,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides for every method")
+    parser.add_argument("--merge", action="store_true",
+                        help="re-run --methods only and keep the others' results from --out")
     parser.add_argument("--runs", default=str(ROOT / "bench" / "results" / "runs"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "seed_methods.json"))
     args = parser.parse_args()
-    results = {n: run(n, METHODS[n], args) for n in args.methods.split(",")}
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.merge and out.exists() else {}
+    if previous and (previous["rounds"], previous["clients"]) != (args.rounds, args.clients):
+        raise SystemExit(f"--merge: {out} has other rounds/clients")
+    results = previous.get("runs", {})
+    for name in args.methods.split(","):
+        results[name] = run(name, [*METHODS[name], *args.extra], args)
+    results = {n: results[n] for n in METHODS if n in results}  # table order
     summary = {n: summarize(r) for n, r in results.items()}
     md = table(summary, args.rounds)
     print(md)
-    Path(args.out).write_text(json.dumps(
-        {"rounds": args.rounds, "clients": args.clients, "summary": summary,
-         "table": md, "runs": results}, indent=1))
+    out.write_text(json.dumps({"rounds": args.rounds, "clients": args.clients,
+                               "summary": summary, "table": md, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

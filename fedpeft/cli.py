@@ -71,11 +71,22 @@ def simulate(overrides: list[str], app: Path) -> int:
 
 def flwr_run_command(app: Path, overrides: list[str], sim: object) -> list[str]:
     """The ``flwr run`` invocation for a local simulation with ``overrides``."""
-    text = " ".join(shlex.quote(o) for o in overrides).replace("'", '"')
     fed = (f"num_supernodes={sim.num_clients} client_resources_num_cpus={sim.client_cpus} "
            f"client_resources_num_gpus={sim.client_gpus}")
-    return [tool_path("flwr"), "run", str(app), "--stream", "--run-config", f"overrides='{text}'",
+    config = f"overrides={run_config_string(overrides)}"
+    return [tool_path("flwr"), "run", str(app), "--stream", "--run-config", config,
             "--federation-config", fed]
+
+
+def run_config_string(overrides: list[str]) -> str:
+    """``overrides`` as one TOML basic string that ``flwr run --run-config`` accepts.
+
+    Flower's parser takes a quoted value only if it contains no quote character, so the
+    shell-quoted override line is escaped with TOML's \\u0022 for every double quote; the
+    apps get back the exact text and ``shlex.split`` recovers each override unchanged.
+    """
+    text = shlex.join(overrides)
+    return '"' + text.replace("\\", "\\\\").replace('"', "\\u0022") + '"'
 
 
 def tool_path(name: str) -> str:

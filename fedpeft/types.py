@@ -75,5 +75,13 @@ class RoundRecord:
     bytes_up: Mapping[str, int] = field(default_factory=dict)
     bytes_down: Mapping[str, int] = field(default_factory=dict)
     payload_bytes_up: Mapping[str, int] = field(default_factory=dict)
+    payload_bytes_down: Mapping[str, int] = field(default_factory=dict)
     rejected: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, float] = field(default_factory=dict)
+
+
+def compact_counts(counts: np.ndarray) -> np.ndarray:
+    """Non-negative counts (Ferret's bases per block) as uint16 when they fit: half the
+    bytes of int32 on the wire."""
+    fits = counts.size == 0 or int(counts.max()) < 1 << 16
+    return counts.astype(np.uint16 if fits else np.int32)

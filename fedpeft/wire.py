@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.errors import UpdateRejected
-from fedpeft.types import ArrayDict, DenseUpdate, ProjectedUpdate, SeedUpdate
+from fedpeft.types import ArrayDict, DenseUpdate, ProjectedUpdate, SeedUpdate, compact_counts
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -49,7 +49,7 @@ def encode_update(update: DenseUpdate | SeedUpdate | ProjectedUpdate) -> ArrayRe
                                SEED_GRAD_KEY: update.values.astype(np.float32)})
     if isinstance(update, ProjectedUpdate):
         return to_arrayrecord({PROJ_SEED_KEY: np.array([update.seed], np.int64),
-                               PROJ_COUNTS_KEY: update.counts.astype(np.int32),
+                               PROJ_COUNTS_KEY: compact_counts(update.counts),
                                PROJ_GAMMA_KEY: update.gammas.astype(np.float32)})
     return to_arrayrecord(update.deltas)
 

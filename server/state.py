@@ -104,6 +104,7 @@ class GlobalModel:
             bytes_up=dict(traffic.bytes_up) if traffic else {},
             bytes_down=dict(traffic.bytes_down) if traffic else {},
             payload_bytes_up=dict(traffic.payload_bytes_up) if traffic else {},
+            payload_bytes_down=dict(traffic.payload_bytes_down) if traffic else {},
             rejected=dict(traffic.rejected) if traffic else {},
         )
 

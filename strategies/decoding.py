@@ -34,11 +34,22 @@ class RoundTraffic:
     """What happened on the wire in one training round (keys: node ids as strings)."""
 
     bytes_down: dict[str, int] = field(default_factory=dict)
+    payload_bytes_down: dict[str, int] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
     payload_bytes_up: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     accepted: int = 0
     aggregate_s: float = 0.0  # server wall time spent in aggregate_train
+
+    @classmethod
+    def for_messages(cls, messages: list[Message]) -> RoundTraffic:
+        """Start a round's record with the serialized and raw sizes of what is sent."""
+        return cls(
+            bytes_down={str(m.metadata.dst_node_id): wire.message_bytes(m) for m in messages},
+            payload_bytes_down={str(m.metadata.dst_node_id):
+                                wire.payload_bytes(m.content[wire.ARRAYS_KEY])
+                                for m in messages if wire.ARRAYS_KEY in m.content},
+        )
 
 
 def timed_aggregate(strategy: Any, body: Callable[..., Any], *args: Any) -> Any:
@@ -71,9 +82,7 @@ class DecodingStrategy(Strategy):
         self._global = wire.from_arrayrecord(arrays)
         config["round"] = server_round + self.round_offset
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.traffic = RoundTraffic(
-            bytes_down={str(m.metadata.dst_node_id): wire.message_bytes(m) for m in messages}
-        )
+        self.traffic = RoundTraffic.for_messages(messages)
         return messages
 
     def aggregate_train(

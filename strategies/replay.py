@@ -99,8 +99,7 @@ class ReplayStrategy(Strategy):
         extra = self.extra_arrays()
         rnd = server_round + self.round_offset
         messages = [self._message(n, rnd, config, extra) for n in nodes]
-        self.traffic = RoundTraffic(
-            bytes_down={str(m.metadata.dst_node_id): wire.message_bytes(m) for m in messages})
+        self.traffic = RoundTraffic.for_messages(messages)
         return messages
 
     def _message(self, node: int, rnd: int, config: ConfigRecord,

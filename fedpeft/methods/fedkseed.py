@@ -93,20 +93,28 @@ def pro_probabilities(
 Round = tuple[int, np.ndarray, np.ndarray]  # (round, ascending seed indices, ΔA values)
 
 
+def _index_dtype(num_seeds: int) -> type:
+    return np.uint16 if num_seeds <= 1 << 16 else np.int32
+
+
 def encode_history(rounds: Sequence[Round], num_seeds: int) -> dict[str, np.ndarray]:
     """Wire form of several rounds' ΔA, each round in its smaller encoding.
 
-    Sparse rounds travel as ``hist_round/hist_idx/hist_val`` (8 bytes per touched seed);
-    a round touching more than K/2 seeds travels as a dense row of ``dense_val`` (4 bytes per
-    seed, K per round) with its number in ``dense_round``. Zero entries are never sent, so
-    both encodings decode to the same (indices, values). Groups with no rounds are omitted.
+    Sparse rounds travel as ``hist_idx`` (uint16 when K <= 65536) and ``hist_val`` (float32),
+    concatenated, with one ``hist_round``/``hist_size`` pair per round: 6 bytes per touched
+    seed. A round whose sparse form would exceed a dense K-vector (4 bytes per seed) travels
+    as a row of ``dense_val`` with its number in ``dense_round``. Zero entries are never
+    sent, so both forms decode to the same (indices, values). Empty groups are omitted.
     """
-    sparse = [r for r in rounds if 2 * r[1].size <= num_seeds]
-    dense = [r for r in rounds if 2 * r[1].size > num_seeds]
+    idx_dtype = _index_dtype(num_seeds)
+    per_seed = np.dtype(idx_dtype).itemsize + 4
+    sparse = [r for r in rounds if r[1].size and r[1].size * per_seed <= 4 * num_seeds]
+    dense = [r for r in rounds if r[1].size * per_seed > 4 * num_seeds]
     out: dict[str, np.ndarray] = {}
     if sparse:
-        out["hist_round"] = np.concatenate([np.full(i.size, r, np.int32) for r, i, _ in sparse])
-        out["hist_idx"] = np.concatenate([i.astype(np.int32) for _, i, _ in sparse])
+        out["hist_round"] = np.array([r for r, _, _ in sparse], np.int32)
+        out["hist_size"] = np.array([i.size for _, i, _ in sparse], np.int32)
+        out["hist_idx"] = np.concatenate([i.astype(idx_dtype) for _, i, _ in sparse])
         out["hist_val"] = np.concatenate([v.astype(np.float32) for _, _, v in sparse])
     if dense:
         rows = np.zeros((len(dense), num_seeds), np.float32)
@@ -121,8 +129,10 @@ def decode_history(arrays: Mapping[str, np.ndarray]) -> list[Round]:
     """Inverse of :func:`encode_history`: per-round (round, indices, values), ascending."""
     rounds: list[Round] = []
     if "hist_round" in arrays:
-        r_all, i_all, v_all = arrays["hist_round"], arrays["hist_idx"], arrays["hist_val"]
-        rounds += [(int(r), i_all[r_all == r], v_all[r_all == r]) for r in np.unique(r_all)]
+        ends = np.cumsum(arrays["hist_size"])
+        for r, end, size in zip(arrays["hist_round"], ends, arrays["hist_size"], strict=True):
+            idx = arrays["hist_idx"][end - size:end].astype(np.int32)
+            rounds.append((int(r), idx, arrays["hist_val"][end - size:end]))
     if "dense_round" in arrays:
         for r, row in zip(arrays["dense_round"], arrays["dense_val"], strict=True):
             idx = np.flatnonzero(row).astype(np.int32)

@@ -46,7 +46,7 @@ from fedpeft.seeding import (
     truncated_normal_,
     truncated_normal_variance,
 )
-from fedpeft.types import ProjectedUpdate, TrainResult
+from fedpeft.types import ProjectedUpdate, TrainResult, compact_counts
 
 MIN_BLOCK = 1 << 16  # automatic block size floor (keeps per-basis work vectorised)
 
@@ -204,7 +204,7 @@ def encode_round(contributions: Sequence[Contribution], rnd: int | None = None,
     out = {
         "seed": np.array([c.seed for c in contributions], np.int64),
         "coef": np.array([c.coef for c in contributions], np.float64),
-        "counts": np.stack([c.counts.astype(np.int32) for c in contributions]),
+        "counts": compact_counts(np.stack([c.counts for c in contributions])),
         "gamma": np.concatenate([c.gammas.astype(np.float32) for c in contributions]),
     }
     if rnd is not None:
@@ -214,7 +214,7 @@ def encode_round(contributions: Sequence[Contribution], rnd: int | None = None,
 
 def decode_round(arrays: Mapping[str, np.ndarray]) -> list[tuple[int, Contribution]]:
     """Inverse of (concatenated) :func:`encode_round`: (round, contribution) pairs."""
-    counts = np.asarray(arrays["counts"])
+    counts = np.asarray(arrays["counts"]).astype(np.int64)
     ends = np.cumsum(counts.sum(axis=1))
     out = []
     for i in range(counts.shape[0]):

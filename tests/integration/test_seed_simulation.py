@@ -44,6 +44,8 @@ def test_seed_simulation_clients_match_server_bit_for_bit(
         assert rec["num_clients"] == 2 and rec["num_rejected"] == 0
         assert all(0 < p <= PAYLOAD_LIMIT[method] for p in rec["payload_bytes_up"].values())
         assert all(b < PAYLOAD_LIMIT[method] + 4096 for b in rec["bytes_up"].values())
+        assert set(rec["payload_bytes_down"]) == set(rec["bytes_down"])
+        assert all(0 <= rec["payload_bytes_down"][n] < b for n, b in rec["bytes_down"].items())
     # Before training round 3 a client replayed round 2 from the server's history onto its
     # round-1 snapshot: the round-2 snapshot must equal the server's checkpoint bit for bit.
     server = load_file(str(run.checkpoint_dir(2) / "trainable.safetensors"))

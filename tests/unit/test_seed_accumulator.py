@@ -90,15 +90,28 @@ def test_dense_rounds_are_smaller_and_decode_identically() -> None:
 
     arrays = acc.since(0)
 
-    assert arrays["hist_round"].tolist() == [1, 1, 1]
+    assert arrays["hist_round"].tolist() == [1] and arrays["hist_size"].tolist() == [3]
+    assert arrays["hist_idx"].dtype == np.uint16  # K <= 65536: 6 bytes per touched seed
     assert arrays["dense_round"].tolist() == [2] and arrays["dense_val"].shape == (1, k)
     assert acc.history[2][0].size == 0
     decoded = decode_history(arrays)
     assert [r for r, _, _ in decoded] == [1, 2]
     for (idx, vals), (_, d_idx, d_vals) in zip(acc.history[:2], decoded, strict=True):
         assert np.array_equal(idx, d_idx) and np.array_equal(vals, d_vals)
-    dense_bytes = arrays["dense_val"].nbytes
-    assert dense_bytes < 8 * k  # the sparse form of round 2 would take 8 bytes per seed
+    assert arrays["dense_val"].nbytes < 6 * k  # the sparse form of round 2 would be larger
+
+
+def test_encoding_switches_to_dense_where_it_is_smaller() -> None:
+    k = 90
+    acc = SeedAccumulator(num_seeds=k)
+    acc.add_round([_reply(np.arange(60), np.ones(60))])  # 6*60 = 360 <= 4*90: sparse
+    acc.add_round([_reply(np.arange(61), np.ones(61))])  # 6*61 = 366 > 360: dense
+    arrays = acc.since(0)
+    assert arrays["hist_round"].tolist() == [1] and arrays["dense_round"].tolist() == [2]
+    big = SeedAccumulator(num_seeds=70_000)
+    big.add_round([_reply([69_999], [1.0])])
+    assert big.since(0)["hist_idx"].dtype == np.int32
+    assert decode_history(big.since(0))[0][1].tolist() == [69_999]
 
 
 def test_state_round_trip_restores_history_and_pro_statistics() -> None:
