@@ -195,9 +195,6 @@ def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
     return derive_seed(run_seed, "ferret-client", server_round, partition_id)
 
 
-ROUND_KEYS = ("seed", "coef", "counts", "gamma")
-
-
 def encode_round(contributions: Sequence[Contribution], rnd: int | None = None,
                  ) -> dict[str, np.ndarray]:
     """Wire arrays of contributions (``rnd`` tags them for a multi-round history)."""
