@@ -24,13 +24,9 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fedpeft.cli import run_config_string, tool_path
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tool_path(name: str) -> str:
-    """A console script of this environment (next to the interpreter) or from PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
 
 
 def free_port() -> int:
@@ -99,9 +95,8 @@ def run(args: argparse.Namespace) -> int:
                    "--port", str(free_port()), "--node-config",
                    f"partition-id={i} num-partitions={args.clients}"],
                   work / f"supernode-{i}.log", env, stack)
-        text = " ".join(shlex.quote(o) for o in overrides).replace("'", '"')
         cmd = [tool_path("flwr"), "run", str(args.app), "local-deployment", "--stream",
-               "--run-config", f"overrides='{text}'"]
+               "--run-config", f"overrides={run_config_string(overrides)}"]
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
         code = subprocess.call(cmd, env=env, timeout=args.timeout)
     return _check(out / run_id, code, work)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedpeft.reporting import RunDir
 from tests.integration.conftest import tiny_overrides
@@ -14,10 +17,20 @@ from tests.integration.conftest import tiny_overrides
 pytestmark = pytest.mark.slow
 
 
-def test_loopback_grpc_deployment_two_supernodes(tmp_path: Path, app_dir: Path) -> None:
+SEED_METHOD = ["method=fedkseed", "strategy=fedkseed", "method.num_seeds=64",
+               "method.local_steps=4", "method.lr=0.0001",
+               "method.trainable='layers\\.[0-9]+\\.mlp\\.(up|down)_proj'"]
+
+
+@pytest.mark.parametrize("method", ["lora", "fedkseed"])
+def test_loopback_grpc_deployment_two_supernodes(tmp_path: Path, app_dir: Path,
+                                                 method: str) -> None:
     out = tmp_path / "runs"
     overrides = [o for o in tiny_overrides(out, "x") if not o.startswith(("run.run_id",
                                                                            "run.output_dir"))]
+    if method == "fedkseed":  # separate ClientApp processes catch up from disk snapshots
+        overrides = [o for o in overrides if not o.startswith("method.")] + [
+            *SEED_METHOD, f"model.cache_dir={tmp_path / 'cache'}"]
     cmd = [sys.executable, str(app_dir / "scripts" / "deploy_local.py"), "--clients", "2",
            "--output-dir", str(out), "--workdir", str(tmp_path / "deploy"), "--timeout", "600",
            "--", *overrides, "run.num_rounds=2"]
@@ -29,3 +42,12 @@ def test_loopback_grpc_deployment_two_supernodes(tmp_path: Path, app_dir: Path) 
     records = RunDir(run_dir).records()
     assert [r["round"] for r in records] == [0, 1, 2]
     assert all(r["num_clients"] == 2 and len(r["bytes_up"]) == 2 for r in records[1:])
+    assert all(r["num_rejected"] == 0 for r in records[1:])
+    if method == "fedkseed":  # the quoted regex arrived intact; replay is exact across nodes
+        config = json.loads((run_dir / "config.json").read_text())["config"]
+        assert config["method"]["trainable"] == r"layers\.[0-9]+\.mlp\.(up|down)_proj"
+        server = load_file(str(RunDir(run_dir).checkpoint_dir(1) / "trainable.safetensors"))
+        (client_path,) = (tmp_path / "cache" / "seed-state").glob("*/round-00001.safetensors")
+        client = load_file(str(client_path))
+        assert set(client) == set(server)
+        assert all(torch.equal(client[k], server[k]) for k in server)
