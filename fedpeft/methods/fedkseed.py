@@ -48,6 +48,7 @@ class FedKSeedConfig:
     eps: float = 5e-4
     lr: float = 3e-7
     trainable: str = "all"  # "all" or a regex over parameter names
+    adapter: dict[str, Any] | None = None  # a peft spec: tune only its parameters
     pro: bool = False
     pro_clip: float = 1000.0
     pro_temperature: float = 1.0
@@ -57,7 +58,7 @@ class FedKSeedConfig:
             raise ConfigError("method.num_seeds, local_steps and batch_size must be >= 1")
         if not (self.eps > 0 and self.lr > 0 and self.pro_temperature > 0):
             raise ConfigError("method.eps, method.lr and method.pro_temperature must be > 0")
-        check_trainable(self.trainable)
+        check_trainable(self.trainable, self.adapter)
 
 
 def candidate_seeds(run_seed: int, k: int) -> list[int]:
@@ -205,7 +206,7 @@ class FedKSeedMethod(ReplayMethod):
 
     def attach(self, base_model: nn.Module, *, seed: int) -> nn.Module:
         self._seeds = candidate_seeds(seed, self.cfg.num_seeds)
-        return base_model  # tuned in place: no adapter, no gradients, no optimizer state
+        return self.attach_adapter(base_model, seed)  # tuned in place: no grads, no optimizer
 
     def apply_global(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         """Server replay of one round's aggregate ``{'idx', 'vals'}`` (empty at round 0)."""

@@ -64,6 +64,7 @@ class FerretConfig:
     block_size: int = 0  # elements per block; 0 = auto: max(65536, ceil(4·D / K))
     min_bases: int = 2  # per block
     trainable: str = "all"  # or a regex over parameter names
+    adapter: dict[str, Any] | None = None  # a peft spec: tune only its parameters
 
     def validate(self) -> None:
         if min(self.num_bases, self.local_steps, self.batch_size, self.min_bases) < 1:
@@ -71,7 +72,7 @@ class FerretConfig:
                               "must be >= 1")
         if not self.lr > 0 or self.max_grad_norm < 0 or self.block_size < 0:
             raise ConfigError("method.lr must be > 0; max_grad_norm and block_size >= 0")
-        check_trainable(self.trainable)
+        check_trainable(self.trainable, self.adapter)
 
 
 @dataclass(frozen=True)
@@ -231,11 +232,14 @@ class FerretMethod(ReplayMethod):
     update_kind = "projections"
 
     def attach(self, base_model: nn.Module, *, seed: int) -> nn.Module:
-        params = self.params(base_model)
+        model = self.attach_adapter(base_model, seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = self.params(model)
         for p in params.values():
             p.requires_grad_(True)
         self.layout = make_layout(params, self.cfg)
-        return base_model
+        return model
 
     def apply_global(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         """Server replay of one round's contributions (empty at round 0)."""

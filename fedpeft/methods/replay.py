@@ -13,7 +13,7 @@ import re
 from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,13 +34,18 @@ def trainable_params(model: nn.Module, pattern: str) -> dict[str, torch.Tensor]:
     return {n: named[n] for n in sorted(named)}
 
 
-def check_trainable(pattern: str) -> None:
-    """``method.trainable`` must be ``all`` or a valid regex."""
+def check_trainable(pattern: str, adapter: Mapping[str, Any] | None = None) -> None:
+    """``method.trainable`` must be ``all`` or a valid regex; ``method.adapter`` (optional)
+    must be a valid ``peft`` spec."""
     if pattern != "all":
         try:
             re.compile(pattern)
         except re.error as exc:
             raise ConfigError(f"method.trainable is not a valid regex: {exc}") from None
+    if adapter is not None:
+        from fedpeft.methods.lora import peft_config
+
+        peft_config(dict(adapter))
 
 
 class ReplayMethod(ClientMethod):
@@ -52,8 +57,32 @@ class ReplayMethod(ClientMethod):
 
     replays: ClassVar[bool] = True
 
+    def attach_adapter(self, base_model: nn.Module, seed: int) -> nn.Module:
+        """With ``method.adapter`` set, wrap the model in that ``peft`` adapter (seeded init,
+        identical on every party) and tune only the adapter's parameters, e.g. FedKSeed or
+        Ferret over LoRA; otherwise tune the model's own parameters."""
+        if self.cfg.adapter is None:
+            self._adapter_names: frozenset[str] | None = None
+            return base_model
+        from peft import get_peft_model
+
+        from fedpeft.methods.lora import peft_config
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(base_model, peft_config(dict(self.cfg.adapter)))
+        self._adapter_names = frozenset(n for n, p in model.named_parameters()
+                                        if p.requires_grad)
+        return model
+
     def params(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_params(model, self.cfg.trainable)
+        named = trainable_params(model, self.cfg.trainable)
+        if getattr(self, "_adapter_names", None) is not None:
+            named = {n: p for n, p in named.items() if n in self._adapter_names}
+            if not named:
+                raise ConfigError(f"method.trainable={self.cfg.trainable!r} matches no "
+                                  "adapter parameter")
+        return named
 
     def get_state(self, model: nn.Module) -> dict[str, np.ndarray]:
         return {k: v.detach().to(torch.float32, copy=True).cpu().numpy()
