@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.seed_sync import sync_node
+from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition
@@ -37,7 +37,8 @@ def train(msg: Message, context: Context) -> Message:
     method, model = _runtime(cfg)
     extra: dict = {}
     if getattr(method, "replays", False):
-        extra = sync_node(method, model, msg, cfg.model, context.run_id, context.node_id)
+        extra = sync_node(method, model, msg, cfg.model, context.run_id, context.node_id,
+                          base_path(cfg.model, _runtime_key(cfg)))
     else:
         method.set_state(model, wire.from_arrayrecord(msg.content[wire.ARRAYS_KEY]))
     conf = msg.content[wire.CONFIG_KEY]
@@ -79,10 +80,16 @@ def _runtime(cfg: FedPeftConfig) -> tuple[ClientMethod, Any]:
 
     def build() -> tuple[ClientMethod, Any]:
         method = build_method(cfg.method.name, cfg.method)
-        return method, method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed)
+        model = method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed)
+        if getattr(method, "replays", False):
+            save_base(method, model, base_path(cfg.model, _runtime_key(cfg)))
+        return method, model
 
-    key = (fingerprint(cfg.model), fingerprint(cfg.method), cfg.run.seed)
-    return cached_model(key, build)
+    return cached_model((_runtime_key(cfg),), build)
+
+
+def _runtime_key(cfg: FedPeftConfig) -> str:
+    return f"{fingerprint(cfg.model)}|{fingerprint(cfg.method)}|{cfg.run.seed}"
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,9 @@ the strategy then forgets the node's sync point and sends it the full history ne
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,19 @@ def state_dir(model_cfg: Any, run_id: int) -> Path:
 
 def snapshot_path(directory: Path, version: int) -> Path:
     return directory / f"round-{version:05d}.safetensors"
+
+
+def base_path(model_cfg: Any, key: str) -> Path:
+    """Where a process keeps the untouched trainable state of its attached model."""
+    digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+    return cache_root(model_cfg) / "seed-state" / f"base-{digest}.safetensors"
+
+
+def save_base(method: Any, model: Any, path: Path) -> None:
+    """Snapshot the freshly attached model (before any training in this process), so a
+    run's round 0 is the true base even if this process trained for an earlier run.
+    Written on every process start (atomically; concurrent writers write the same bits)."""
+    _save(method, model, path, 0)
 
 
 def _versions(directory: Path) -> list[int]:
@@ -66,14 +81,19 @@ def _prune(directory: Path) -> None:
 
 
 def sync_node(method: Any, model: Any, msg: Any, model_cfg: Any, run_id: int,
-              node_id: int) -> dict[str, np.ndarray]:
-    """Restore + catch up + snapshot; returns the message arrays (e.g. Pro ``probs``)."""
+              node_id: int, base: Path) -> dict[str, np.ndarray]:
+    """Restore + catch up + snapshot; returns the message arrays (e.g. Pro ``probs``).
+
+    ``base`` is the :func:`save_base` snapshot of this (model, method, seed)."""
     arrays = wire.from_arrayrecord(msg.content[wire.ARRAYS_KEY])
     conf = msg.content[wire.CONFIG_KEY]
     since, target = int(conf["since"]), int(conf["target"])
     directory = state_dir(model_cfg, run_id)
     if not snapshot_path(directory, 0).exists():  # first use in this run: the untouched base
-        _save(method, model, snapshot_path(directory, 0), 0)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".base.{os.getpid()}.tmp"
+        shutil.copyfile(base, tmp)
+        os.replace(tmp, snapshot_path(directory, 0))
     usable = [v for v in _versions(directory) if since <= v <= target]
     if not usable:
         raise ConfigError(f"node {node_id}: no snapshot of a round in [{since}, {target}] "
