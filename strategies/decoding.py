@@ -12,6 +12,7 @@ measures the exact serialized bytes of every message sent and received.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -52,13 +53,19 @@ class RoundTraffic:
         )
 
 
-def timed_aggregate(strategy: Any, body: Callable[..., Any], *args: Any) -> Any:
-    """Run ``body(*args)`` and record its wall time as ``strategy.traffic.aggregate_s``."""
-    t0 = time.perf_counter()
-    try:
-        return body(*args)
-    finally:
-        strategy.traffic.aggregate_s = time.perf_counter() - t0
+def records_aggregate_time(aggregate_train: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a strategy's ``aggregate_train`` to store its wall time in
+    ``self.traffic.aggregate_s`` (whether it returns or raises)."""
+
+    @functools.wraps(aggregate_train)
+    def timed(self: Any, server_round: int, replies: Iterable[Message]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return aggregate_train(self, server_round, replies)
+        finally:
+            self.traffic.aggregate_s = time.perf_counter() - t0
+
+    return timed
 
 
 class DecodingStrategy(Strategy):
@@ -85,12 +92,8 @@ class DecodingStrategy(Strategy):
         self.traffic = RoundTraffic.for_messages(messages)
         return messages
 
+    @records_aggregate_time
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return timed_aggregate(self, self._aggregate, server_round, replies)
-
-    def _aggregate(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         decoded = [m for m in (self._decode(r) for r in replies) if m is not None]

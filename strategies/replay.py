@@ -26,7 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpeft import wire
 from fedpeft.errors import UpdateRejected
-from strategies.decoding import RoundTraffic, timed_aggregate
+from strategies.decoding import RoundTraffic, records_aggregate_time
 
 log = logging.getLogger("fedpeft.strategy")
 STATE_FILE = "strategy-state.npz"
@@ -111,12 +111,8 @@ class ReplayStrategy(Strategy):
                               wire.CONFIG_KEY: conf})
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
+    @records_aggregate_time
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return timed_aggregate(self, self._aggregate, server_round, replies)
-
-    def _aggregate(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset

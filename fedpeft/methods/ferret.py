@@ -150,10 +150,10 @@ def project(delta: torch.Tensor, layout: BlockLayout, client_seed: int,
             counts: np.ndarray) -> np.ndarray:
     """γ for every block: γ_lk = v_lkᵀ Δ_l / (ρ_l K_l); ``delta`` is the flat Δ."""
     gammas = []
+    full = torch.empty(layout.block_size, dtype=delta.dtype, device=delta.device)
     for block, k_l in enumerate(counts):
         lo, hi = layout.bounds(block)
-        d, part = hi - lo, delta[lo:hi]
-        buf = torch.empty(d, dtype=delta.dtype, device=delta.device)
+        d, part, buf = hi - lo, delta[lo:hi], full[:hi - lo]
         scale = 1.0 / (block_rho(d) * int(k_l))
         for k in range(int(k_l)):
             truncated_normal_(buf, basis_seed(client_seed, block, k), _bound(d))
