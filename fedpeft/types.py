@@ -38,7 +38,7 @@ class SeedUpdate:
 
 @dataclass(frozen=True)
 class ProjectedUpdate:
-    """Ferret upload: the client's basis seed, bases per block (int32), coordinates γ."""
+    """Ferret upload: the client's basis seed, bases per block, coordinates γ."""
 
     seed: int
     counts: np.ndarray
