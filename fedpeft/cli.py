@@ -1,105 +1,154 @@
-"""``fedpeft`` command line: validate a config, or run a simulation and fail loudly.
+"""``fedpeft`` command line: check a config, check the machine, or run a simulation.
 
-``fedpeft simulate [hydra overrides...]`` validates the composed config in-process
-(milliseconds), then launches the app with ``flwr run <app> --stream`` (a real local
-SuperLink + simulation engine) and finally checks the run's ``status.json``: ``flwr run``
-can exit 0 when the run failed, this command does not.
+``fedpeft validate [overrides...]`` runs the preflight (config, partition, files, model,
+node counts) and prints the composed tree; ``fedpeft doctor`` reports what could make a
+run hang or attach to the wrong server; ``fedpeft simulate [overrides...]`` runs the
+same preflight, then a real local SuperLink + simulation engine of its own
+(:mod:`fedpeft.launch`), stops every process it started, and exits 0 only when the run's
+``status.json`` says ``completed`` (``flwr run`` can exit 0 when the run failed).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import subprocess
+import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedpeft.config import compose
 from fedpeft.errors import FedPeftError, RunFailed
-from fedpeft.reporting import RunDir, check_completed
-from fedpeft.schema import to_dict
+from fedpeft.launch import (
+    Interrupted,
+    flwr_run_command,
+    run_config_string,
+    run_local,
+    settle_status,
+    signals_ignored,
+    signals_raise,
+    start_superlink,
+)
+from fedpeft.procs import RunWorkspace, tool_path
+from fedpeft.reporting import RunDir
+
+__all__ = ["flwr_run_command", "main", "run_config_string", "simulate", "tool_path"]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a Flower simulation (flwr run)")
+    sim = sub.add_parser("simulate", help="run a Flower simulation on a private SuperLink")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=fedadam")
     sim.add_argument("--app", default=".", help="Flower app directory (default: .)")
-    val = sub.add_parser("validate", help="compose + validate a config and print it")
+    val = sub.add_parser("validate", help="preflight a config and print it",
+                         description=_groups_help(), formatter_class=_Raw)
     val.add_argument("overrides", nargs="*")
+    show = sub.add_parser("config", help="show a config group's options and valid keys")
+    show.add_argument("action", choices=["show"])
+    show.add_argument("group", nargs="?", default=None)
+    sub.add_parser("doctor", help="report stale Ray files, foreign SuperLinks, tool paths")
     return p
+
+
+class _Raw(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _groups_help() -> str:
+    from fedpeft.configinfo import groups_text
+
+    return groups_text()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "validate":
-            import json
-
-            print(json.dumps(to_dict(compose(args.overrides)), indent=2, default=str))
-            return 0
-        return simulate(args.overrides, Path(args.app))
+        return _COMMANDS[args.command](args)
     except FedPeftError as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from fedpeft.preflight import preflight
+    from fedpeft.schema import to_dict
+
+    report = preflight(args.overrides)
+    print(json.dumps(to_dict(report.cfg), indent=2, default=str))
+    print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from fedpeft.configinfo import group_text, groups_text
+
+    print(group_text(args.group) if args.group else groups_text())
+    return 0
+
+
+def _doctor(_args: argparse.Namespace) -> int:
+    from fedpeft.doctor import diagnose
+
+    findings = diagnose()
+    for f in findings:
+        print(f)
+    return 1 if any(f.level == "problem" for f in findings) else 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    return simulate(args.overrides, Path(args.app))
+
+
 def simulate(overrides: list[str], app: Path) -> int:
-    """Validate, run ``flwr run`` and check the run completed (exit code 0 only then)."""
-    cfg = compose(overrides)
+    """Preflight, run on a private control plane, stop it all; 0 only if completed."""
+    from fedpeft.doctor import warn_before_run
+    from fedpeft.preflight import preflight
+
+    report = preflight(overrides, federation_size="sim")
+    cfg = report.cfg
+    print(report.summary(), file=sys.stderr)
+    warn_before_run()
     run_id = cfg.run.run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + (
         f"-{cfg.method.name}-{cfg.strategy.name}")
     out = Path(cfg.run.output_dir).expanduser().resolve()
-    if cfg.run.resume:
-        run = RunDir(Path(cfg.run.resume).expanduser().resolve())
-    else:
-        run = RunDir(out / run_id)
+    run = RunDir(Path(cfg.run.resume).expanduser().resolve() if cfg.run.resume
+                 else out / run_id)
     full = [*overrides, f"run.output_dir={out}", f"run.run_id={run_id}"]
-    code = subprocess.call(flwr_run_command(app, full, cfg.sim), env=_env())
-    try:
-        check_completed(run)
-    except RunFailed as exc:
-        print(f"fedpeft: error: {exc} (flwr run exit code {code})", file=sys.stderr)
-        return 1
+    code, reason = _launch(app, full, cfg, run)
+    status = settle_status(run, code, reason)
+    if status.get("state") != "completed":
+        print(f"fedpeft: error: run {run.path.name} {status.get('state')}: "
+              f"{status.get('error', status)}", file=sys.stderr)
+        return 130 if status.get("state") == "interrupted" else 1
     print(f"fedpeft: run completed; metrics in {run.metrics_path}")
     return 0
 
 
-def flwr_run_command(app: Path, overrides: list[str], sim: object) -> list[str]:
-    """The ``flwr run`` invocation for a local simulation with ``overrides``."""
-    fed = (f"num_supernodes={sim.num_clients} client_resources_num_cpus={sim.client_cpus} "
-           f"client_resources_num_gpus={sim.client_gpus}")
-    config = f"overrides={run_config_string(overrides)}"
-    return [tool_path("flwr"), "run", str(app), "--stream", "--run-config", config,
-            "--federation-config", fed]
+def _launch(app: Path, overrides: list[str], cfg: object,
+            run: RunDir) -> tuple[int | None, str | None]:
+    """Start the control plane and ``flwr run``; always stop everything started."""
+    ws = RunWorkspace()
+    logs = run.path / "logs"
+    code, reason = None, None
+    try:
+        with signals_raise():
+            logs.mkdir(parents=True, exist_ok=True)
+            start_superlink(ws, logs / "superlink.log")
+            cmd = flwr_run_command(app, overrides, cfg.sim)  # type: ignore[attr-defined]
+            code = run_local(ws, cmd, run, cfg.run.stall_timeout_s)  # type: ignore[attr-defined]
+    except Interrupted as exc:
+        reason = f"interrupted by {exc} while the run was in progress"
+    except (RunFailed, RuntimeError, TimeoutError) as exc:
+        reason = str(exc)
+    finally:
+        with signals_ignored():
+            ws.stop()
+            ws.remove()
+    return code, reason
 
 
-def run_config_string(overrides: list[str]) -> str:
-    """``overrides`` as one TOML basic string that ``flwr run --run-config`` accepts.
-
-    Flower's parser takes a quoted value only if it contains no quote character, so the
-    shell-quoted override line is escaped with TOML's \\u0022 for every double quote; the
-    apps get back the exact text and ``shlex.split`` recovers each override unchanged.
-    """
-    text = shlex.join(overrides)
-    return '"' + text.replace("\\", "\\\\").replace('"', "\\u0022") + '"'
-
-
-def tool_path(name: str) -> str:
-    """A console script of this environment (next to the interpreter) or from PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
+_COMMANDS = {"simulate": _simulate, "validate": _validate, "config": _config_show,
+             "doctor": _doctor}
 
 
 if __name__ == "__main__":

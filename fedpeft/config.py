@@ -10,6 +10,7 @@ model has loaded. The same overrides string drives ``fedpeft simulate`` and
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -29,8 +30,13 @@ CONFIG_DIR_ENV = "FEDPEFT_CONFIG_DIR"
 # Component packages outside ``fedpeft/`` that take part in validation. They are loaded
 # by name (no static import keeps the core independent of them) and register checks.
 COMPONENT_PACKAGES = ("strategies",)
+# Extra modules that register components (e.g. a site's own method), loaded in every
+# process of a run: ``FEDPEFT_PLUGINS=/path/to/file.py,package.module``.
+PLUGINS_ENV = "FEDPEFT_PLUGINS"
 StrategyCheck = Callable[[str, dict[str, Any], str], None]
+FederationCheck = Callable[[str, dict[str, Any], int], None]
 _STRATEGY_CHECKS: list[StrategyCheck] = []
+_FEDERATION_CHECKS: list[FederationCheck] = []
 
 
 def register_strategy_check(check: StrategyCheck) -> StrategyCheck:
@@ -39,10 +45,48 @@ def register_strategy_check(check: StrategyCheck) -> StrategyCheck:
     return check
 
 
+def register_federation_check(check: FederationCheck) -> FederationCheck:
+    """Register ``check(strategy_name, params, num_nodes)`` run by the preflight when the
+    federation size is known (node counts, Krum/Bulyan bounds); it raises ConfigError."""
+    _FEDERATION_CHECKS.append(check)
+    return check
+
+
+def federation_checks() -> list[FederationCheck]:
+    """The registered federation-size checks (after :func:`load_components`)."""
+    load_components()
+    return list(_FEDERATION_CHECKS)
+
+
 def load_components() -> None:
-    """Import the component packages so their registries and checks exist."""
+    """Import the component packages (and ``$FEDPEFT_PLUGINS``) so registries exist."""
     for name in COMPONENT_PACKAGES:
         importlib.import_module(name)
+    load_plugins()
+
+
+def load_plugins() -> None:
+    """Import each module named in ``$FEDPEFT_PLUGINS`` (file paths or dotted names)."""
+    for item in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
+        _import_plugin(item.strip())
+
+
+def _import_plugin(item: str) -> None:
+    import importlib.util
+    import sys
+
+    if not item.endswith(".py"):
+        importlib.import_module(item)
+        return
+    name = f"fedpeft_plugin_{Path(item).stem}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, item)
+    if spec is None or spec.loader is None or not Path(item).is_file():
+        raise ConfigError(f"${PLUGINS_ENV} names {item!r}, which is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 @dataclass(frozen=True)
@@ -57,10 +101,17 @@ class RunConfig:
     checkpoint: bool = True
     round_timeout_s: float = 3600.0
     progress: bool = True
+    max_empty_rounds: int = 1  # rounds in a row without an accepted update -> failed
+    stall_timeout_s: float = 600.0  # no client reply for this long -> failed
+    node_wait_s: float = 300.0  # waiting for enough nodes longer than this -> failed
 
     def validate(self) -> None:
-        if self.num_rounds < 1:
-            raise ConfigError(f"run.num_rounds must be >= 1, found {self.num_rounds}")
+        positive = {"num_rounds": self.num_rounds, "max_empty_rounds": self.max_empty_rounds,
+                    "round_timeout_s": self.round_timeout_s,
+                    "stall_timeout_s": self.stall_timeout_s, "node_wait_s": self.node_wait_s}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"run.{key} must be > 0, found {value!r}")
 
 
 @dataclass(frozen=True)
@@ -86,8 +137,13 @@ class SimConfig:
     client_gpus: float = 0.0
 
     def validate(self) -> None:
-        if self.num_clients < 1 or self.client_cpus <= 0 or self.client_gpus < 0:
-            raise ConfigError("sim.num_clients >= 1, sim.client_cpus > 0, sim.client_gpus >= 0")
+        if self.num_clients < 1:
+            raise ConfigError(f"sim.num_clients must be >= 1 (one simulated client per data "
+                              f"partition), found {self.num_clients}")
+        if self.client_cpus <= 0:
+            raise ConfigError(f"sim.client_cpus must be > 0, found {self.client_cpus}")
+        if self.client_gpus < 0:
+            raise ConfigError(f"sim.client_gpus must be >= 0, found {self.client_gpus}")
 
 
 @dataclass(frozen=True)
@@ -133,6 +189,8 @@ def compose(
 ) -> FedPeftConfig:
     """Compose configs with Hydra and validate the result (see module docstring)."""
     items = parse_overrides(overrides)
+    for item in items:
+        _check_override_key(item)
     hydra_items = [_add_or_set(o) for o in items]
     raw = _hydra_compose(hydra_items, Path(config_dir) if config_dir else default_config_dir())
     return from_dict(raw, overrides=tuple(items))
@@ -145,6 +203,24 @@ def _add_or_set(override: str) -> str:
     """``a.b=v`` -> ``++a.b=v``: every schema field is settable even when the YAML leaves
     it at its default; typos are still caught by schema validation, listing valid keys."""
     return f"++{override}" if _DOTTED.match(override) else override
+
+
+_GROUPS = ("model", "data", "method", "strategy")
+
+
+def _check_override_key(override: str) -> None:
+    """An override's first key must be a group (``method=...``) or a top-level key
+    (``run.x=...``); anything else fails here, with close matches, not in Hydra."""
+    key = override.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
+    if "=" not in override or key in _TOP:
+        return
+    close = difflib.get_close_matches(key, sorted(_TOP), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"unknown config key {key!r} in override {override!r}.{hint} Valid: component "
+        f"groups {', '.join(f'{g}=<name>' for g in _GROUPS)}, and keys under "
+        f"{', '.join(f'{k}.' for k in sorted(_TOP))} (list them with `fedpeft config show "
+        "<group>`)")
 
 
 def _hydra_compose(overrides: list[str], config_dir: Path) -> dict[str, Any]:
@@ -171,7 +247,8 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {sorted(_TOP)}")
     method_raw = dict(raw.get("method") or {})
-    method_cls = METHODS.get(str(method_raw.get("name", "lora"))).config_cls
+    load_plugins()
+    method_cls = METHODS.get(_component_name(method_raw, "method", METHODS.names())).config_cls
     cfg = FedPeftConfig(
         model=schema.build(ModelConfig, raw.get("model"), "model"),
         data=schema.build(DataConfig, raw.get("data"), "data"),
@@ -187,8 +264,23 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
 
 
 def _strategy(raw: dict[str, Any]) -> StrategyConfig:
+    load_components()
+    registry = importlib.import_module(COMPONENT_PACKAGES[0]).STRATEGIES  # by name: no cycle
     params = dict(raw)
-    return StrategyConfig(name=str(params.pop("name", "fedavg")), params=params)
+    name = _component_name(params, "strategy", registry.names())
+    params.pop("name")
+    return StrategyConfig(name=name, params=params)
+
+
+def _component_name(raw: dict[str, Any], group: str, valid: list[str]) -> str:
+    """The ``name:`` of a component YAML; required, never defaulted."""
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"the {group} config has no 'name:' (found keys {sorted(raw)}); every "
+            f"configs/{group}/<file>.yaml must say which registered {group} it configures, "
+            f"e.g. 'name: {valid[0] if valid else '...'}'; registered: {', '.join(valid)}")
+    return name
 
 
 def check_compatibility(cfg: FedPeftConfig) -> None:

@@ -362,6 +362,25 @@ def partition(
                           f"partitions of {len(train)} examples: {exc}") from exc
 
 
+def partition_sizes(train: datasets.Dataset, cfg: PartitionConfig,
+                    num_partitions: int) -> list[int]:
+    """Each client's number of examples, cutting only indices (from the labels alone).
+
+    Gives the same split as :func:`partition`: the partitioners read only ``label``, and
+    the iid shuffle depends only on the row count. Raises ValueError when the partitioner
+    cannot meet its constraints.
+    """
+    _check_partitionable(train, cfg)
+    labels = datasets.Dataset.from_dict({"label": train["label"]})
+    part = _partitioner(cfg, num_partitions)
+    part.dataset = labels.shuffle(seed=cfg.seed) if cfg.type == "iid" else labels
+    part.load_partition(0)
+    index = getattr(part, "_partition_id_to_indices", None)  # filled by load_partition
+    if isinstance(index, dict) and len(index) == num_partitions:
+        return [len(index[i]) for i in range(num_partitions)]
+    return [len(part.load_partition(i)) for i in range(num_partitions)]
+
+
 def _check_partitionable(train: datasets.Dataset, cfg: PartitionConfig) -> None:
     if cfg.type not in _LABEL_PARTITIONS:
         return

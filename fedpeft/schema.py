@@ -8,6 +8,7 @@ expected type. Dataclasses may define ``validate(self)`` for value checks.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -25,8 +26,11 @@ def build(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f" in '{path}'" if path else ""
+        close = sorted({c for u in unknown for c in difflib.get_close_matches(u, list(fields))})
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"unknown config key(s) {unknown}{where}; valid keys: {', '.join(sorted(fields))}"
+            f"unknown config key(s) {unknown}{where}{hint}; valid keys: "
+            f"{', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {

@@ -8,15 +8,19 @@ The same app serves ``flwr run .`` simulations and SuperLink/SuperNode deploymen
 from __future__ import annotations
 
 import logging
+import os
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
-from fedpeft.config import FedPeftConfig, compose, load_components
+from fedpeft.config import FedPeftConfig, load_components
+from fedpeft.errors import RunFailed
+from fedpeft.preflight import preflight
 from fedpeft.reporting import RunDir, resolve_resume
 from fedpeft.schema import to_dict
 from server.state import GlobalModel
+from server.watchdog import WatchedGrid
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -25,12 +29,17 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls with the grid of connected SuperNodes."""
-    cfg = compose(context.run_config.get("overrides", ""),
-                  context.run_config.get("config-dir") or None)
+    cfg = preflight(context.run_config.get("overrides", ""),
+                    context.run_config.get("config-dir") or None).cfg
     run, start_round = _open_run(cfg)
-    run.set_status("running", start_round=start_round)
+    run.set_status("running", start_round=start_round, pid=os.getpid())
     try:
         serve(grid, cfg, run, start_round)
+    except RunFailed as exc:  # an expected end: nothing trained, stalled, no nodes
+        log.error("fedpeft: run failed: %s", exc)
+        run.set_status("failed", error=str(exc), reason=type(exc).__name__,
+                       first_client_error=getattr(exc, "first_error", None))
+        return
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -67,6 +76,9 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
     if STRATEGIES.get(cfg.strategy.name).wrap:
         strategy = DecodingStrategy(strategy, round_offset=start_round)
     state.strategy = strategy
+    grid = WatchedGrid(grid, stall_timeout_s=cfg.run.stall_timeout_s,
+                       node_wait_s=cfg.run.node_wait_s, nodes_needed=_nodes_needed(cfg),
+                       partition_of=lambda node: _partition_of(state.strategy, node))
     log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
              cfg.run.num_rounds)
     strategy.start(
@@ -79,3 +91,17 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
     )
     state.log_summary()
 
+
+
+def _partition_of(strategy: object, node: str) -> int | None:
+    """Partition id a node reported (None before it ever replied)."""
+    lookup = getattr(strategy, "partition_of", None)
+    return lookup(node) if callable(lookup) else None
+
+
+def _nodes_needed(cfg: FedPeftConfig) -> int:
+    from strategies import STRATEGIES
+    from strategies.options import effective, nodes_needed
+
+    opts = effective(STRATEGIES.get(cfg.strategy.name).factory, cfg.strategy.params)
+    return nodes_needed(opts, cfg.sim.num_clients)

@@ -17,6 +17,7 @@ from fedpeft.methods import build_method
 from fedpeft.models import get_tokenizer, load_causal_lm
 from fedpeft.reporting import RunDir, format_progress, resolve_resume
 from fedpeft.types import RoundRecord
+from server.health import RunHealth
 
 log = logging.getLogger("flwr")
 
@@ -36,6 +37,7 @@ class GlobalModel:
         self._eval_s: float | None = None
         self._apply_s: float | None = None
         self.checkpoint = None
+        self.health = RunHealth(cfg.run.max_empty_rounds)
         if start_round:
             _, _, self.checkpoint = resolve_resume(cfg.run.resume or "")
             self.method.load(self.model, self.checkpoint)
@@ -63,6 +65,8 @@ class GlobalModel:
         self.history.append(record)
         if self.cfg.run.progress:
             log.info("fedpeft %s", format_progress(record, self.cfg.run.num_rounds))
+        if server_round > 0:
+            self.health.check(record)
         self._t_last = time.perf_counter()
         if ev is None:
             return None

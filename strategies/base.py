@@ -7,6 +7,7 @@ which update kinds a strategy can aggregate, for config-time compatibility check
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.config import register_strategy_check
 from fedpeft.errors import ConfigError, IncompatibleComponentsError
 from fedpeft.registry import Registry
+from strategies.options import check_option_types
 
 # Keyword arguments fedpeft sets itself; users cannot override them from config.
 RESERVED = frozenset(
@@ -62,13 +64,16 @@ def validate_params(name: str, params: Mapping[str, Any]) -> None:
     valid = strategy_params(STRATEGIES.get(name))
     unknown = sorted(set(params) - set(valid))
     if unknown:
+        close = sorted({c for u in unknown for c in difflib.get_close_matches(u, list(valid))})
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"unknown option(s) {unknown} for strategy {name!r}; "
+            f"unknown option(s) {unknown} for strategy {name!r}{hint}; "
             f"valid options: {', '.join(sorted(valid)) or '(none)'}"
         )
     missing = sorted(n for n, p in valid.items() if p.default is p.empty and n not in params)
     if missing:
         raise ConfigError(f"strategy {name!r} requires option(s) {missing}")
+    check_option_types(name, params, STRATEGIES.get(name).factory)
 
 
 def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:

@@ -84,10 +84,29 @@ def peft_config(adapter: dict[str, Any]) -> peft.PeftConfig:
             f"unknown key(s) {unknown} for method.adapter (peft_type={kind}); "
             f"valid keys: {', '.join(sorted(valid))}"
         )
+    _check_adapter_numbers(spec, kind)
     try:
         return cls(task_type="CAUSAL_LM", **spec, **extra)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid method.adapter for peft_type={kind}: {exc}") from None
+
+
+# Ranges peft does not enforce itself (it accepts r=0 and builds an empty adapter).
+_ADAPTER_RANGES = {"r": (1, None), "lora_alpha": (0, None), "alpha": (0, None),
+                   "lora_dropout": (0, 1), "module_dropout": (0, 1), "rank_dropout": (0, 1)}
+
+
+def _check_adapter_numbers(spec: dict[str, Any], kind: str) -> None:
+    for key, (low, high) in _ADAPTER_RANGES.items():
+        value = spec.get(key)
+        if value is None:
+            continue
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value < low
+        if bad or (high is not None and value >= high) or (key == "r" and value != int(value)):
+            want = f"an integer >= {low}" if key == "r" else (
+                f"in [{low}, {high})" if high is not None else f">= {low}")
+            raise ConfigError(f"method.adapter.{key} (peft_type={kind}) must be {want}, "
+                              f"found {value!r}")
 
 
 @METHODS.register("lora")

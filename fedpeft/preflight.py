@@ -1,0 +1,129 @@
+"""Preflight: everything that can be known before a run starts, checked in about a second.
+
+Shared by ``fedpeft validate``, ``fedpeft simulate`` and the ServerApp, and run before
+any SuperLink, Ray worker or model load. In order:
+
+1. compose + validate the config (types, ranges, unknown keys with close matches,
+   component ``name:``, registered names, method/strategy combinations);
+2. local files: data files and resume directories;
+3. the model: bundled wheel, local directory, the offline hub cache under
+   ``HF_HUB_OFFLINE=1``, else the hub;
+4. with a known federation size: node counts against the strategy (min nodes,
+   fractions, Krum/Bulyan bounds), then the partition itself, cut from the training
+   labels only, with each client's size.
+
+Each failure is a :class:`~fedpeft.errors.ConfigError` (or a not-found error) naming the
+key, the value found, what was expected and what would work.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fedpeft.config import FedPeftConfig, compose, federation_checks
+from fedpeft.data import DataConfig, load_task_data, partition_sizes
+from fedpeft.errors import ConfigError
+from fedpeft.models import check_available
+from fedpeft.reporting import resolve_resume
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """The validated config and what the preflight found out on the way."""
+
+    cfg: FedPeftConfig
+    model: str
+    num_clients: int | None = None
+    partition_sizes: tuple[int, ...] | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line for the console."""
+        parts = [f"fedpeft: preflight ok in {self.seconds:.2f}s", f"model {self.model}"]
+        if self.partition_sizes:
+            sizes = self.partition_sizes
+            parts.append(f"{self.num_clients} clients, {sum(sizes)} training examples, "
+                         f"partition sizes {min(sizes)}..{max(sizes)}")
+        return "; ".join(parts)
+
+
+def preflight(overrides: str | Sequence[str] | None = None, config_dir: str | Path | None = None,
+              *, federation_size: int | Literal["sim"] | None = None) -> PreflightReport:
+    """Run every check (see module docstring); ``"sim"`` means ``sim.num_clients``."""
+    t0 = time.perf_counter()
+    cfg = compose(overrides, config_dir)
+    check_files(cfg)
+    model = check_available(cfg.model)
+    n = cfg.sim.num_clients if federation_size == "sim" else federation_size
+    sizes = None
+    if n:
+        check_federation(cfg, n)
+        sizes = tuple(check_partition(cfg.data, n))
+    return PreflightReport(cfg, model, n, sizes, time.perf_counter() - t0)
+
+
+def check_files(cfg: FedPeftConfig) -> None:
+    """Resume directories must exist and hold a completed checkpoint."""
+    if cfg.run.resume:
+        path = Path(cfg.run.resume).expanduser()
+        if not path.exists():
+            raise ConfigError(f"run.resume={cfg.run.resume!r}: no such directory; expected a "
+                              "run directory (runs/<run-id>) or one of its checkpoints/round-N")
+        resolve_resume(cfg.run.resume)
+
+
+def check_federation(cfg: FedPeftConfig, num_nodes: int) -> None:
+    """The strategy's node-count rules for ``num_nodes`` clients."""
+    for check in federation_checks():
+        check(cfg.strategy.name, dict(cfg.strategy.params), num_nodes)
+
+
+def check_partition(data: DataConfig, num_clients: int) -> list[int]:
+    """Cut the partition (indices only) and fail, with remedies, if any client is empty
+    or the partitioner cannot meet ``min_partition_size``."""
+    train = load_task_data(data).train
+    if num_clients > len(train):
+        raise _infeasible(data, num_clients, np.asarray(train["label"]),
+                          "there are more clients than examples")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            sizes = partition_sizes(train, data.partition, num_clients)
+        except ValueError as exc:
+            raise _infeasible(data, num_clients, np.asarray(train["label"]), str(exc)) from None
+    if min(sizes) < max(1, data.partition.min_partition_size):
+        raise _infeasible(data, num_clients, np.asarray(train["label"]),
+                          f"smallest partition has {min(sizes)} examples")
+    return sizes
+
+
+def _infeasible(data: DataConfig, n: int, labels: np.ndarray, why: str) -> ConfigError:
+    p = data.partition
+    smallest = _typical_smallest(labels, n, p.alpha, p.seed) if p.type == "dirichlet" else None
+    seen = f"; a typical Dirichlet draw gives the smallest client {smallest}" if (
+        smallest is not None) else ""
+    return ConfigError(
+        f"data.partition.type={p.type} cannot split {len(labels)} training examples of "
+        f"{data.name!r} over {n} clients (sim.num_clients) with every client holding >= "
+        f"{max(1, p.min_partition_size)} (data.partition.min_partition_size="
+        f"{p.min_partition_size}): {why}{seen}. Remedies: a larger data.partition.alpha "
+        f"(now {p.alpha}), data.partition.type=iid, fewer clients (sim.num_clients <= "
+        f"{max(1, len(labels) // max(1, 4 * p.min_partition_size))}), or a smaller "
+        "data.partition.min_partition_size")
+
+
+def _typical_smallest(labels: np.ndarray, n: int, alpha: float, seed: int) -> int:
+    """Smallest client of one Dirichlet(alpha) label split, for the error message."""
+    rng = np.random.default_rng(seed)
+    sizes = np.zeros(n, dtype=int)
+    for c in np.unique(labels):
+        count = int((labels == c).sum())
+        sizes += rng.multinomial(count, rng.dirichlet([alpha] * n))
+    return int(sizes.min())
