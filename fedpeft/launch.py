@@ -114,15 +114,27 @@ def listener_pid(port: int) -> int | None:
     return None
 
 
-def run_local(ws: RunWorkspace, cmd: list[str], run: RunDir, startup_s: float) -> int:
-    """Run ``flwr run`` to its end; fail the run if its ServerApp never starts."""
+def run_local(ws: RunWorkspace, cmd: list[str], run: RunDir, startup_s: float,
+              exit_grace_s: float = 15.0) -> int | None:
+    """Run ``flwr run`` to its end and return its exit code.
+
+    Fails the run if its ServerApp never writes a status within ``startup_s``. Once the
+    status is final, ``flwr run`` gets ``exit_grace_s`` to return: it streams until the
+    simulation engine stops, which a hung client can prevent forever (None is returned
+    and the caller stops everything).
+    """
     proc = ws.start_foreground(cmd)
-    t0 = time.monotonic()
+    t0, final_at = time.monotonic(), None
     while proc.poll() is None:
-        if run.status().get("state") == "missing" and time.monotonic() - t0 > startup_s:
+        state = run.status().get("state")
+        if state == "missing" and time.monotonic() - t0 > startup_s:
             raise RunFailed(f"the ServerApp did not start within run.stall_timeout_s="
                             f"{startup_s:g}s (no {run.path / 'status.json'}); see the "
                             "SuperLink log in the run directory's logs/")
+        if state in _FINAL:
+            final_at = final_at or time.monotonic()
+            if time.monotonic() - final_at > exit_grace_s:
+                return None
         time.sleep(0.5)
     return int(proc.returncode)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,3 +42,33 @@ def tiny_overrides(out: Path, run_id: str) -> list[str]:
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+_RUN_PROCESS = ("flower-superlink", "flower-superexec", "flower-supernode", "flwr-simulation",
+                "flwr-serverapp", "flwr-clientapp", "bin/flwr", "raylet", "gcs_server",
+                "ray::", "default_worker.py", "dashboard", "log_monitor")
+
+
+def process_snapshot() -> set[int]:
+    """PIDs alive now (take before a run starts)."""
+    return set(psutil.pids())
+
+
+def leftovers(before: set[int], settle_s: float = 5.0) -> list[str]:
+    """Run processes (Flower's, Ray's, or any carrying a run workspace marker) that
+    appeared after ``before`` and are still alive ``settle_s`` seconds later."""
+    from fedpeft.procs import MARKER_ENV
+
+    time.sleep(settle_s)
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.pid in before or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        try:
+            marked = MARKER_ENV in proc.environ()
+        except psutil.Error:
+            marked = False
+        if marked or any(tag in cmd for tag in _RUN_PROCESS):
+            found.append(f"{proc.pid}: {cmd[:150]}")
+    return found
