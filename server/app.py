@@ -65,7 +65,7 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
             strategy.load(state.checkpoint)
             strategy.round_offset = start_round
     if STRATEGIES.get(cfg.strategy.name).wrap:
-        strategy = DecodingStrategy(strategy, round_offset=start_round)
+        strategy = DecodingStrategy(strategy, round_offset=start_round, name=cfg.strategy.name)
     state.strategy = strategy
     log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
              cfg.run.num_rounds)
