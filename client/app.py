@@ -19,7 +19,7 @@ from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ClientFailure, ConfigError
 from fedpeft.methods import ClientMethod, TrainContext, build_method
 from fedpeft.methods.base import cached_model
 from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
@@ -30,7 +30,19 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training on this node's partition."""
+    """One round of local training on this node's partition.
+
+    A failure is re-raised as ``ClientFailure`` whose text starts with
+    ``partition-id=<pid>:`` (original exception as ``__cause__``): Flower sends only the
+    text to the server, which can then name the partition of a failed client."""
+    try:
+        return _train(msg, context)
+    except Exception as exc:
+        pid = context.node_config.get(wire.PARTITION_ID_KEY)
+        raise ClientFailure(wire.failure_message(pid, exc)) from exc
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg = _config(context.run_config.get("overrides", ""),
                   context.run_config.get("config-dir") or "")
     pid, nparts = _partition_ids(context.node_config)
@@ -52,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
     content = wire.reply_content(wire.encode_update(result.update), result.num_examples,
-                                 result.metrics)
+                                 result.metrics, partition_id=pid)
     return Message(content=content, reply_to=msg)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 
@@ -57,6 +58,21 @@ class TrainResult:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
+class Exclusion(TypedDict):
+    """One client update left out of a round's aggregate, and by whom.
+
+    ``by`` is ``"decoder"`` for a reply refused before aggregation (client error,
+    malformed or non-finite update) or the strategy's name (``krum``, ``fedmedian``, ...)
+    for an update the robust rule dropped; ``partition`` is None while the node's data
+    partition is unknown (it never sent a ``partition-id``)."""
+
+    node: str
+    partition: int | None
+    round: int
+    by: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     """One line of ``runs/<run-id>/metrics.jsonl``."""
@@ -76,7 +92,8 @@ class RoundRecord:
     bytes_down: Mapping[str, int] = field(default_factory=dict)
     payload_bytes_up: Mapping[str, int] = field(default_factory=dict)
     payload_bytes_down: Mapping[str, int] = field(default_factory=dict)
-    rejected: Mapping[str, str] = field(default_factory=dict)
+    rejected: Mapping[str, str] = field(default_factory=dict)  # node -> reason (refused replies)
+    excluded: list[Exclusion] = field(default_factory=list)  # every rejection and exclusion
     extra: Mapping[str, float] = field(default_factory=dict)
 
 

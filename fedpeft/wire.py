@@ -2,14 +2,15 @@
 
 The only module inside ``fedpeft/`` that imports ``flwr``. Updates travel as an
 ``ArrayRecord`` (one array per trainable tensor, sorted by name) plus a ``MetricRecord``
-(``num-examples`` and training metrics), which is the reply shape Flower's built-in
-strategies expect. Byte counts are measured on what Flower actually serialises: the
-deflated bytes of every object in a message's object tree (message, record dict,
-records, arrays, array chunks), so they include Flower's own framing.
+(``num-examples``, ``partition-id`` and training metrics), which is the reply shape
+Flower's built-in strategies expect. Byte counts are measured on what Flower actually
+serialises: the deflated bytes of every object in a message's object tree (message,
+record dict, records, arrays, array chunks), so they include Flower's own framing.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,6 +24,7 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES_KEY = "num-examples"
+PARTITION_ID_KEY = "partition-id"
 _FLOAT_KINDS = ("f",)
 
 
@@ -94,12 +96,30 @@ def _check_tensor(name: str, delta: np.ndarray, ref: np.ndarray, max_abs: float)
 
 
 def reply_content(
-    arrays: ArrayRecord, num_examples: int, metrics: Mapping[str, float]
+    arrays: ArrayRecord, num_examples: int, metrics: Mapping[str, float],
+    partition_id: int | None = None,
 ) -> RecordDict:
-    """Client reply: one ArrayRecord and one MetricRecord carrying ``num-examples``."""
-    values = {k: float(v) for k, v in metrics.items()}
+    """Client reply: one ArrayRecord and one MetricRecord carrying ``num-examples`` and,
+    when given, the client's ``partition-id`` (so the server can say who sent what)."""
+    values: dict[str, float | int] = {k: float(v) for k, v in metrics.items()}
     values[NUM_EXAMPLES_KEY] = int(num_examples)
+    if partition_id is not None:
+        values[PARTITION_ID_KEY] = int(partition_id)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(values)})
+
+
+_PARTITION_IN_TEXT = re.compile(rf"{PARTITION_ID_KEY}=(\d+):")
+
+
+def failure_message(partition_id: object, exc: BaseException) -> str:
+    """Text of a client failure: ``partition-id=<pid>: <ExceptionType>: <message>``."""
+    return f"{PARTITION_ID_KEY}={partition_id}: {type(exc).__name__}: {exc}"
+
+
+def partition_from_text(text: str) -> int | None:
+    """The partition id in a failure text (Flower wraps it in its error reason), or None."""
+    found = _PARTITION_IN_TEXT.search(text)
+    return int(found.group(1)) if found else None
 
 
 def message_bytes(message: Message) -> int:

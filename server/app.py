@@ -74,7 +74,7 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
             strategy.load(state.checkpoint)
             strategy.round_offset = start_round
     if STRATEGIES.get(cfg.strategy.name).wrap:
-        strategy = DecodingStrategy(strategy, round_offset=start_round)
+        strategy = DecodingStrategy(strategy, round_offset=start_round, name=cfg.strategy.name)
     state.strategy = strategy
     grid = WatchedGrid(grid, stall_timeout_s=cfg.run.stall_timeout_s,
                        node_wait_s=cfg.run.node_wait_s, nodes_needed=_nodes_needed(cfg),

@@ -110,6 +110,7 @@ class GlobalModel:
             payload_bytes_up=dict(traffic.payload_bytes_up) if traffic else {},
             payload_bytes_down=dict(traffic.payload_bytes_down) if traffic else {},
             rejected=dict(traffic.rejected) if traffic else {},
+            excluded=list(traffic.excluded) if traffic else [],
         )
 
     def log_summary(self) -> None:

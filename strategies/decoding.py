@@ -7,7 +7,9 @@ difference to the current global arrays. This wrapper therefore, per reply:
 validates it (tensor names, shapes, dtype, finiteness, magnitude, ``num-examples``),
 rejects a bad reply with a logged reason instead of crashing the round, rebuilds
 ``global + delta`` and hands the well-formed replies to the wrapped strategy. It also
-measures the exact serialized bytes of every message sent and received.
+measures the exact serialized bytes of every message sent and received, and records who
+was left out of each round: every rejected reply and every update a robust strategy
+dropped (``strategies.exclusions``), with round, node and partition id.
 """
 
 from __future__ import annotations
@@ -26,8 +28,35 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft import wire
 from fedpeft.errors import UpdateRejected
+from fedpeft.types import Exclusion
+from strategies import exclusions
 
 log = logging.getLogger("fedpeft.strategy")
+REJECTED_BY = "decoder"  # ``by`` of replies refused before aggregation
+
+
+class NodePartitions:
+    """Node id -> data partition id, learned from replies: the ``partition-id`` metric, or
+    ``partition-id=N:`` in a failed client's error reason. Kept across rounds, so a node
+    whose reply lacks it is still named."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, int] = {}
+
+    def learn(self, reply: Message) -> int | None:
+        """Update the map from ``reply``; return its node's partition (None if unknown)."""
+        node, pid = str(reply.metadata.src_node_id), _reply_partition(reply)
+        if pid is not None:
+            self.known[node] = pid
+        return self.known.get(node)
+
+
+def _reply_partition(reply: Message) -> int | None:
+    if reply.has_error():
+        return wire.partition_from_text(reply.error.reason or "")
+    metrics = reply.content.metric_records.get(wire.METRICS_KEY)
+    pid = metrics.get(wire.PARTITION_ID_KEY) if metrics is not None else None
+    return int(pid) if isinstance(pid, (int, float)) and float(pid).is_integer() else None
 
 
 @dataclass
@@ -39,6 +68,7 @@ class RoundTraffic:
     bytes_up: dict[str, int] = field(default_factory=dict)
     payload_bytes_up: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    excluded: list[Exclusion] = field(default_factory=list)
     accepted: int = 0
     aggregate_s: float = 0.0  # server wall time spent in aggregate_train
 
@@ -51,6 +81,18 @@ class RoundTraffic:
                                 wire.payload_bytes(m.content[wire.ARRAYS_KEY])
                                 for m in messages if wire.ARRAYS_KEY in m.content},
         )
+
+    def exclude(self, rnd: int, node: str, partition: int | None, by: str, reason: str) -> None:
+        """Record and log that ``node``'s update was left out of round ``rnd``."""
+        self.excluded.append(
+            Exclusion(node=node, partition=partition, round=rnd, by=by, reason=reason))
+        log.warning("round %d: %s excluded node %s (partition %s): %s",
+                    rnd, by, node, partition, reason)
+
+    def reject(self, rnd: int, node: str, partition: int | None, reason: str) -> None:
+        """A reply refused before aggregation (also kept in ``rejected``: node -> reason)."""
+        self.rejected[node] = reason
+        self.exclude(rnd, node, partition, REJECTED_BY, reason)
 
 
 def records_aggregate_time(aggregate_train: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,10 +112,15 @@ def records_aggregate_time(aggregate_train: Callable[..., Any]) -> Callable[...,
 
 class DecodingStrategy(Strategy):
     """Wraps a Flower strategy; see module docstring. ``round_offset`` shifts the round
-    number sent to clients (``config['round']``) when a run resumes from a checkpoint."""
+    number sent to clients (``config['round']``) when a run resumes from a checkpoint;
+    ``name`` is the strategy's name in exclusion records (default: the class name,
+    lower-cased, which is also its registry name for Flower's strategies)."""
 
-    def __init__(self, inner: Strategy, *, round_offset: int = 0, max_abs: float = 1e6):
+    def __init__(self, inner: Strategy, *, round_offset: int = 0, max_abs: float = 1e6,
+                 name: str | None = None):
         self.inner = inner
+        self.name = name or type(inner).__name__.lower()
+        self.partitions = NodePartitions()
         self.round_offset = round_offset
         self.max_abs = max_abs
         self.traffic = RoundTraffic()
@@ -96,22 +143,35 @@ class DecodingStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        decoded = [m for m in (self._decode(r) for r in replies) if m is not None]
+        rnd = server_round + self.round_offset
+        decoded = [m for m in (self._decode(r, rnd) for r in replies) if m is not None]
         self.traffic.accepted = len(decoded)
         self.last_train_metrics = None
         if not decoded:
-            log.warning("round %d: no acceptable client update; global state unchanged",
-                        server_round)
+            log.warning("round %d: no acceptable client update; global state unchanged", rnd)
             return None, None
         _keep_common_metrics(decoded)
+        # Explained before aggregating: Flower's median, trimmed mean and Bulyan consume
+        # the reply arrays. Recorded only if the strategy produced an aggregate.
+        reasons = exclusions.explain(self.inner, [m.content for m in decoded])
         arrays, metrics = self.inner.aggregate_train(server_round, decoded)
         self.last_train_metrics = metrics
+        if arrays is not None:
+            self._record_exclusions(rnd, decoded, reasons)
         return arrays, metrics
 
-    def _decode(self, reply: Message) -> Message | None:
-        node = str(reply.metadata.src_node_id)
+    def _record_exclusions(self, rnd: int, decoded: list[Message],
+                           reasons: list[str | None]) -> None:
+        for reply, reason in zip(decoded, reasons, strict=True):
+            if reason is not None:
+                node = str(reply.metadata.src_node_id)
+                self.traffic.exclude(rnd, node, self.partitions.known.get(node), self.name,
+                                     reason)
+
+    def _decode(self, reply: Message, rnd: int) -> Message | None:
+        node, pid = str(reply.metadata.src_node_id), self.partitions.learn(reply)
         if reply.has_error():
-            self.traffic.rejected[node] = f"client error: {reply.error.reason}"
+            self.traffic.reject(rnd, node, pid, f"client error: {reply.error.reason}")
             return None
         self.traffic.bytes_up[node] = wire.message_bytes(reply)
         try:
@@ -119,8 +179,7 @@ class DecodingStrategy(Strategy):
             self.traffic.payload_bytes_up[node] = wire.payload_bytes(arrays)
             update = wire.decode_update(arrays, self._global, max_abs=self.max_abs)
         except UpdateRejected as exc:
-            self.traffic.rejected[node] = str(exc)
-            log.warning("rejected update from node %s: %s", node, exc)
+            self.traffic.reject(rnd, node, pid, str(exc))
             return None
         full = {k: self._global[k] + update.deltas[k] for k in self._global}
         reply.content = RecordDict(
@@ -157,9 +216,10 @@ def _split_reply(content: RecordDict) -> tuple[ArrayRecord, MetricRecord]:
 
 
 def _keep_common_metrics(replies: list[Message]) -> None:
-    """Flower requires identical metric keys across replies; keep the shared scalars."""
+    """Flower requires identical metric keys across replies; keep the shared scalars.
+    ``partition-id`` is dropped: an averaged partition id would mean nothing."""
     records = [r.content.metric_records[wire.METRICS_KEY] for r in replies]
-    common = set.intersection(*(set(m.keys()) for m in records))
+    common = set.intersection(*(set(m.keys()) for m in records)) - {wire.PARTITION_ID_KEY}
     for reply, metrics in zip(replies, records, strict=True):
         kept = MetricRecord({k: v for k, v in metrics.items() if k in common
                              and isinstance(v, (int, float))})

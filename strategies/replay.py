@@ -26,7 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpeft import wire
 from fedpeft.errors import UpdateRejected
-from strategies.decoding import RoundTraffic, records_aggregate_time
+from strategies.decoding import NodePartitions, RoundTraffic, records_aggregate_time
 
 log = logging.getLogger("fedpeft.strategy")
 STATE_FILE = "strategy-state.npz"
@@ -44,6 +44,7 @@ class ReplayStrategy(Strategy):
         self.synced: dict[int, int] = {}
         self.round_offset = 0  # rounds already done before a resumed run started
         self.traffic = RoundTraffic()
+        self.partitions = NodePartitions()
         self.last_train_metrics: MetricRecord | None = None
 
     # ------------------------------------------------------------------ subclass hooks
@@ -137,9 +138,9 @@ class ReplayStrategy(Strategy):
         return wire.to_arrayrecord(aggregate), self.last_train_metrics
 
     def _parse(self, reply: Message, rnd: int) -> tuple[Any, float, dict] | None:
-        node = reply.metadata.src_node_id
+        node, pid = reply.metadata.src_node_id, self.partitions.learn(reply)
         if reply.has_error():
-            self.traffic.rejected[str(node)] = f"client error: {reply.error.reason}"
+            self.traffic.reject(rnd, str(node), pid, f"client error: {reply.error.reason}")
             self.synced.pop(node, None)  # resend the full history: its state may be lost
             return None
         self.traffic.bytes_up[str(node)] = wire.message_bytes(reply)
@@ -153,8 +154,7 @@ class ReplayStrategy(Strategy):
             if not n > 0:
                 raise UpdateRejected(f"num-examples must be > 0, found {n}")
         except (KeyError, UpdateRejected) as exc:
-            self.traffic.rejected[str(node)] = str(exc)
-            log.warning("rejected update from node %s: %s", node, exc)
+            self.traffic.reject(rnd, str(node), pid, str(exc))
             return None
         scalars = {k: float(metrics[k]) for k in ("train_time_s", "project_time_s")
                    if k in metrics}
