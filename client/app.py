@@ -10,10 +10,12 @@ simulation sets automatically and SuperNodes take from ``--node-config``.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
@@ -26,20 +28,26 @@ from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
 from fedpeft.schema import fingerprint
 
 app = ClientApp()
+log = logging.getLogger("flwr")
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on this node's partition.
 
-    A failure is re-raised as ``ClientFailure`` whose text starts with
-    ``partition-id=<pid>:`` (original exception as ``__cause__``): Flower sends only the
-    text to the server, which can then name the partition of a failed client."""
+    A failure becomes an error reply (Flower's ``CLIENT_APP_RAISED_EXCEPTION``) whose
+    reason is ``partition-id=<pid>: <ExceptionType>: <message>``: the server can name the
+    partition, and the run's console gets one line per failed client instead of a
+    traceback (the traceback is logged at debug level in this process)."""
     try:
         return _train(msg, context)
     except Exception as exc:
         pid = context.node_config.get(wire.PARTITION_ID_KEY)
-        raise ClientFailure(wire.failure_message(pid, exc)) from exc
+        failure = ClientFailure(wire.failure_message(pid, exc))
+        log.warning("fedpeft client: %s", failure)
+        log.debug("fedpeft client failure", exc_info=True)
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(failure))
+        return Message(error, reply_to=msg)
 
 
 def _train(msg: Message, context: Context) -> Message:

@@ -160,6 +160,10 @@ class DecodingStrategy(Strategy):
             self._record_exclusions(rnd, decoded, reasons)
         return arrays, metrics
 
+    def partition_of(self, node: str) -> int | None:
+        """The partition ``node`` last reported (None before it ever replied)."""
+        return self.partitions.known.get(str(node))
+
     def _record_exclusions(self, rnd: int, decoded: list[Message],
                            reasons: list[str | None]) -> None:
         for reply, reason in zip(decoded, reasons, strict=True):

@@ -177,11 +177,11 @@ def test_client_reports_partition_id_and_failures_name_it(monkeypatch) -> None:
 
     monkeypatch.setattr(app, "_train", broken)
     context = SimpleNamespace(node_config={"partition-id": 3, "num-partitions": 4})
-    with pytest.raises(ClientFailure) as info:
-        app.train(None, context)
+    request = _reply(3, GLOBAL)  # any message with metadata will do as the request
 
-    assert str(info.value) == "partition-id=3: ValueError: no data"
-    assert isinstance(info.value.__cause__, ValueError)
-    assert wire.partition_from_text(_flower_reason(info.value)) == 3
+    reply = app.train(request, context)
+
+    assert reply.has_error() and reply.error.reason == "partition-id=3: ValueError: no data"
+    assert wire.partition_from_text(reply.error.reason) == 3
     metrics = _reply(3, GLOBAL).content[wire.METRICS_KEY]
     assert metrics[wire.PARTITION_ID_KEY] == 3 and isinstance(metrics["partition-id"], int)
