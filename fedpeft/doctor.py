@@ -44,7 +44,7 @@ class Finding:
 
 def diagnose() -> list[Finding]:
     """All findings (see module docstring)."""
-    return [*ray_files(), *flower_listeners(), *tool_paths(), next_run()]
+    return [*ray_files(), *flower_listeners(), *tool_paths(), *flwr_home(), next_run()]
 
 
 def ray_dirs() -> list[Path]:
@@ -112,6 +112,16 @@ def tool_paths() -> list[Finding]:
         else:
             out.append(Finding("problem", f"{tool} is not installed next to {sys.executable}"))
     return out
+
+
+def flwr_home() -> list[Finding]:
+    """A ``FLWR_HOME`` inside the current (app) directory gets packed into plain uploads."""
+    home = os.environ.get("FLWR_HOME")
+    if not home or not Path(home).resolve().is_relative_to(Path.cwd().resolve()):
+        return []
+    return [Finding("warning", f"FLWR_HOME={home} is inside the app directory {Path.cwd()}: "
+                    "a plain `flwr run .` may pack it into the app upload; move it out or "
+                    "name it flwr_home/ (ignored); fedpeft simulate uses a private FLWR_HOME")]
 
 
 def next_run() -> Finding:

@@ -14,14 +14,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from fedpeft.procs import port_open, tool_path, wait_port
 from fedpeft.reporting import RunDir
 from tests.integration.conftest import leftovers, process_snapshot, tiny_overrides
 from tests.plugins import faulty
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+FLWR_LOCAL_PORT = 39091  # plain `flwr run`'s managed local SuperLink
 
 
 @pytest.fixture
@@ -32,9 +35,18 @@ def short_tmp() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+def _foreign_path() -> str:
+    """PATH without this environment's bin directory: the run must still use its own
+    Flower executables (a user calling .venv/bin/fedpeft without activating the venv)."""
+    mine = str(Path(sys.executable).parent)
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and p != mine)
+
+
 def _simulate(out: Path, run_id: str, *extra: str, tmp: Path | None = None,
               **kw: object) -> subprocess.Popen:
-    env = {**os.environ, "FEDPEFT_PLUGINS": faulty.PATH, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "FEDPEFT_PLUGINS": faulty.PATH, "HF_HUB_OFFLINE": "1",
+           "PATH": _foreign_path()}
     if tmp is not None:
         env["TMPDIR"] = str(tmp)
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", *tiny_overrides(out, run_id),
@@ -67,8 +79,29 @@ def _wait_round_one(run: RunDir, proc: subprocess.Popen, timeout: float = 240) -
     return time.monotonic()
 
 
-def test_stale_ray_cluster_file_is_ignored_and_nothing_is_left(tmp_path: Path,
-                                                                short_tmp: Path) -> None:
+@pytest.fixture
+def foreign_superlink(tmp_path: Path) -> Iterator[Path]:
+    """Another checkout's SuperLink on the port a plain `flwr run` would use; its log."""
+    if port_open("127.0.0.1", FLWR_LOCAL_PORT):
+        pytest.skip(f"port {FLWR_LOCAL_PORT} is already in use")
+    log = tmp_path / "foreign-superlink.log"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "foreign-home")}
+    with log.open("w") as fh:
+        link = subprocess.Popen([tool_path("flower-superlink"), "--insecure", "--simulation",
+                                 "--host", "127.0.0.1", "--port", str(FLWR_LOCAL_PORT)],
+                                env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    wait_port(FLWR_LOCAL_PORT, link)
+    time.sleep(3)  # its SuperExec starts too; both predate the test's process snapshot
+    yield log
+    for proc in psutil.Process(link.pid).children(recursive=True):
+        proc.kill()
+    link.kill()
+    link.wait()
+
+
+def test_stale_ray_file_and_foreign_superlink_are_ignored_and_nothing_is_left(
+        tmp_path: Path, short_tmp: Path, foreign_superlink: Path) -> None:
     stale = short_tmp / "ray" / "ray_current_cluster"
     stale.parent.mkdir()
     stale.write_text("127.0.0.1:1")  # a closed port: a plain ray.init() hangs joining it
@@ -77,6 +110,7 @@ def test_stale_ray_cluster_file_is_ignored_and_nothing_is_left(tmp_path: Path,
     out = _finish(_simulate(tmp_path / "runs", "stale", tmp=short_tmp), timeout=400)
 
     assert "run completed" in out, out[-3000:]
+    assert "start-run" not in foreign_superlink.read_text()  # submitted to its own
     assert RunDir(tmp_path / "runs" / "stale").status()["state"] == "completed"
     assert stale.read_text() == "127.0.0.1:1" and stale.stat().st_mtime == stat.st_mtime
     assert sorted(p.name for p in short_tmp.iterdir()) == ["ray"]  # workspace removed
