@@ -115,7 +115,7 @@ def listener_pid(port: int) -> int | None:
 
 
 def run_local(ws: RunWorkspace, cmd: list[str], run: RunDir, startup_s: float,
-              exit_grace_s: float = 15.0) -> int | None:
+              exit_grace_s: float = 5.0) -> int | None:
     """Run ``flwr run`` to its end and return its exit code.
 
     Fails the run if its ServerApp never writes a status within ``startup_s``. Once the

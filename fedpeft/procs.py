@@ -120,7 +120,7 @@ class RunWorkspace:
         found.pop(os.getpid(), None)
         return list(found.values())
 
-    def stop(self, grace_s: float = 10.0) -> list[int]:
+    def stop(self, grace_s: float = 5.0) -> list[int]:
         """SIGTERM every member, SIGKILL those alive after ``grace_s``; PIDs signalled."""
         procs = self.members()
         _signal_all(procs, signal.SIGTERM)

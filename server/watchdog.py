@@ -121,6 +121,6 @@ class WatchedGrid(Grid):
         waiting = ("no client has replied yet (model loading or Ray start-up included)"
                    if answered == 0 else f"{answered} replied")
         raise Stalled(
-            f"stalled in phase '{phase}': no client reply for {silent:.0f}s "
+            f"stalled in phase '{phase}': no client reply for {silent:.1f}s "
             f"(run.stall_timeout_s={self.stall_timeout_s:g}); {waiting}; silent nodes "
             f"{nodes}" + (f" (partitions {known})" if known else "") + f"; {_CAUSES}")

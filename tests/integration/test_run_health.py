@@ -85,7 +85,8 @@ def foreign_superlink(tmp_path: Path) -> Iterator[Path]:
     if port_open("127.0.0.1", FLWR_LOCAL_PORT):
         pytest.skip(f"port {FLWR_LOCAL_PORT} is already in use")
     log = tmp_path / "foreign-superlink.log"
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "foreign-home")}
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "foreign-home"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with log.open("w") as fh:
         link = subprocess.Popen([tool_path("flower-superlink"), "--insecure", "--simulation",
                                  "--host", "127.0.0.1", "--port", str(FLWR_LOCAL_PORT)],
