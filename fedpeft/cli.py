@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,10 @@ from fedpeft.launch import (
 )
 from fedpeft.procs import RunWorkspace, tool_path
 from fedpeft.reporting import RunDir
+
+# The ServerApp writes its status a few seconds after launch; a small run.stall_timeout_s
+# (meant for silent clients) must not fail a normal start.
+STARTUP_S = 120.0
 
 __all__ = ["flwr_run_command", "main", "run_config_string", "simulate", "tool_path"]
 
@@ -114,6 +119,8 @@ def simulate(overrides: list[str], app: Path) -> int:
     run = RunDir(Path(cfg.run.resume).expanduser().resolve() if cfg.run.resume
                  else out / run_id)
     full = [*overrides, f"run.output_dir={out}", f"run.run_id={run_id}"]
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.set_status("starting", pid=os.getpid())  # a resumed run's old status is not ours
     code, reason = _launch(app, full, cfg, run)
     status = settle_status(run, code, reason)
     if status.get("state") != "completed":
@@ -135,7 +142,7 @@ def _launch(app: Path, overrides: list[str], cfg: object,
             logs.mkdir(parents=True, exist_ok=True)
             start_superlink(ws, logs / "superlink.log")
             cmd = flwr_run_command(app, overrides, cfg.sim)  # type: ignore[attr-defined]
-            code = run_local(ws, cmd, run, cfg.run.stall_timeout_s)  # type: ignore[attr-defined]
+            code = run_local(ws, cmd, run, max(cfg.run.stall_timeout_s, STARTUP_S))  # type: ignore
     except Interrupted as exc:
         reason = f"interrupted by {exc} while the run was in progress"
     except (RunFailed, RuntimeError, TimeoutError) as exc:

@@ -5,7 +5,7 @@
 private ``FLWR_HOME`` connection at it and runs ``flwr run <app> <that connection>``.
 When ``flwr run`` returns, fails, or the user interrupts (SIGINT/SIGTERM), every
 process of the run is stopped and the workspace removed. A run whose ServerApp never
-writes its status within ``run.stall_timeout_s`` is stopped and marked failed, and a run
+writes its status within max(``run.stall_timeout_s``, 120 s) is stopped and marked failed, and a run
 left ``running`` by a dead server is marked failed or interrupted with the reason.
 """
 
@@ -127,10 +127,11 @@ def run_local(ws: RunWorkspace, cmd: list[str], run: RunDir, startup_s: float,
     t0, final_at = time.monotonic(), None
     while proc.poll() is None:
         state = run.status().get("state")
-        if state == "missing" and time.monotonic() - t0 > startup_s:
-            raise RunFailed(f"the ServerApp did not start within run.stall_timeout_s="
-                            f"{startup_s:g}s (no {run.path / 'status.json'}); see the "
-                            "SuperLink log in the run directory's logs/")
+        if state in ("missing", "starting") and time.monotonic() - t0 > startup_s:
+            raise RunFailed(f"the ServerApp did not start within {startup_s:g}s (the larger "
+                            f"of run.stall_timeout_s and 120 s; {run.path / 'status.json'} "
+                            "was not written); see the SuperLink log in the run directory's "
+                            "logs/")
         if state in _FINAL:
             final_at = final_at or time.monotonic()
             if time.monotonic() - final_at > exit_grace_s:

@@ -4,7 +4,8 @@ Layout of ``<output_dir>/<run-id>/``::
 
     config.json        the validated config tree and the overrides that produced it
     metrics.jsonl      one RoundRecord per line (round 0 = the model before training)
-    status.json        {"state": "running" | "completed" | "failed", ...}
+    status.json        {"state": "starting" | "running" | "completed" | "failed" |
+                        "interrupted", ...}
     checkpoints/round-0003/   the global trainable state after round 3 (method format)
 
 ``status.json`` is what entry points check: ``flwr run`` can exit 0 when a run failed.

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.reporting import RunDir
-from tests.integration.conftest import tiny_overrides
+from tests.integration.conftest import leftovers, process_snapshot, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +35,11 @@ def test_loopback_grpc_deployment_two_supernodes(tmp_path: Path, app_dir: Path,
            "--output-dir", str(out), "--workdir", str(tmp_path / "deploy"), "--timeout", "600",
            "--", *overrides, "run.num_rounds=2"]
 
+    before = process_snapshot()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert leftovers(before) == []  # SuperLink, SuperNodes and app processes all stopped
     (run_dir,) = list(out.iterdir())
     records = RunDir(run_dir).records()
     assert [r["round"] for r in records] == [0, 1, 2]

@@ -137,13 +137,13 @@ def test_run_whose_clients_all_raise_fails_with_the_client_error(tmp_path: Path)
 
 def test_stalled_client_fails_the_run_naming_phase_and_silent_nodes(tmp_path: Path) -> None:
     before = process_snapshot()
-    proc = _simulate(tmp_path / "runs", "stall", "method.name=stall", "run.stall_timeout_s=20")
+    proc = _simulate(tmp_path / "runs", "stall", "method.name=stall", "run.stall_timeout_s=10")
     run = RunDir(tmp_path / "runs" / "stall")
     started = _wait_round_one(run, proc)
 
-    out = _finish(proc, timeout=20 + 30 + 30)
+    out = _finish(proc, timeout=10 + 30 + 30)
 
-    assert time.monotonic() - started < 20 + 30
+    assert time.monotonic() - started < 10 + 30
     assert proc.returncode == 1
     status = run.status()
     assert status["state"] == "failed" and "stalled in phase 'train'" in status["error"]
