@@ -78,7 +78,7 @@ def _validate(args: argparse.Namespace) -> int:
     from fedpeft.preflight import preflight
     from fedpeft.schema import to_dict
 
-    report = preflight(args.overrides)
+    report = preflight(args.overrides, federation_size="sim")
     print(json.dumps(to_dict(report.cfg), indent=2, default=str))
     print(report.summary(), file=sys.stderr)
     return 0

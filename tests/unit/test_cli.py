@@ -38,3 +38,21 @@ def test_the_apps_compose_the_same_config_as_the_cli() -> None:
 def test_unbalanced_quotes_still_round_trip(bad: str) -> None:
     got = parse_config_args(["overrides=" + run_config_string([bad])])["overrides"]
     assert shlex.split(got) == [bad]
+
+
+def test_validate_runs_the_partition_preflight_and_exits_2(capsys: pytest.CaptureFixture) -> None:
+    from fedpeft.cli import main
+
+    assert main(["validate", "sim.num_clients=512"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot split 2165 training examples" in err and "over 512 clients" in err
+
+
+def test_config_show_lists_strategy_options_from_flower_signatures(
+        capsys: pytest.CaptureFixture) -> None:
+    from fedpeft.cli import main
+
+    assert main(["config", "show", "strategy"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy=krum:" in out and "strategy.num_malicious_nodes: int = 0" in out
+    assert "selection_rule" not in out  # callables cannot be set from config
