@@ -20,7 +20,7 @@ from flwr.common.constant import ErrorCode
 from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose
-from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition
+from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition_rows
 from fedpeft.errors import ClientFailure, ConfigError
 from fedpeft.methods import ClientMethod, TrainContext, build_method
 from fedpeft.methods.base import cached_model
@@ -112,11 +112,19 @@ def _runtime_key(cfg: FedPeftConfig) -> str:
     return f"{fingerprint(cfg.model)}|{fingerprint(cfg.method)}|{cfg.run.seed}"
 
 
-@functools.lru_cache(maxsize=64)
 def _examples(
     _overrides: tuple[str, ...], data_cfg: DataConfig, model_cfg: ModelConfig, pid: int,
     nparts: int,
 ) -> list:
+    """This client's encoded examples, sliced by index from the training split that the
+    process encodes once: the cost per client stays flat however many clients a
+    simulation worker serves."""
+    rows = partition_rows(load_task_data(data_cfg).train, data_cfg.partition, nparts, pid)
+    encoded = _encoded_train(data_cfg, model_cfg)
+    return [encoded[i] for i in rows]
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_train(data_cfg: DataConfig, model_cfg: ModelConfig) -> list:
     data = load_task_data(data_cfg)
-    part = partition(data.train, data_cfg.partition, nparts, pid)
-    return encode_dataset(part, get_tokenizer(model_cfg), data.label_names, data_cfg)
+    return encode_dataset(data.train, get_tokenizer(model_cfg), data.label_names, data_cfg)

@@ -362,6 +362,22 @@ def partition(
                           f"partitions of {len(train)} examples: {exc}") from exc
 
 
+_WITH_ROWS: dict[str, datasets.Dataset] = {}
+
+
+def partition_rows(train: datasets.Dataset, cfg: PartitionConfig, num_partitions: int,
+                   partition_id: int) -> list[int]:
+    """Row positions in ``train`` of client ``partition_id``'s share: the same split as
+    :func:`partition` (partitioners read only ``label``; the iid shuffle only the row
+    count), so a process can encode ``train`` once and slice every client from it."""
+    key = train._fingerprint
+    if key not in _WITH_ROWS:
+        if len(_WITH_ROWS) >= 4:
+            _WITH_ROWS.clear()
+        _WITH_ROWS[key] = train.add_column("row", list(range(len(train))))
+    return list(partition(_WITH_ROWS[key], cfg, num_partitions, partition_id)["row"])
+
+
 def partition_sizes(train: datasets.Dataset, cfg: PartitionConfig,
                     num_partitions: int) -> list[int]:
     """Each client's number of examples, cutting only indices (from the labels alone).
