@@ -21,7 +21,7 @@ from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition_rows
-from fedpeft.errors import ClientFailure, ConfigError
+from fedpeft.errors import ConfigError
 from fedpeft.methods import ClientMethod, TrainContext, build_method
 from fedpeft.methods.base import cached_model
 from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
@@ -43,10 +43,10 @@ def train(msg: Message, context: Context) -> Message:
         return _train(msg, context)
     except Exception as exc:
         pid = context.node_config.get(wire.PARTITION_ID_KEY)
-        failure = ClientFailure(wire.failure_message(pid, exc))
-        log.warning("fedpeft client: %s", failure)
+        reason = wire.failure_message(pid, exc)
+        log.warning("fedpeft client: %s", reason)
         log.debug("fedpeft client failure", exc_info=True)
-        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(failure))
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
         return Message(error, reply_to=msg)
 
 

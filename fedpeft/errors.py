@@ -42,11 +42,5 @@ class UpdateRejected(FedPeftError):
     """A client update failed validation (shape, dtype, non-finite, oversize, keys)."""
 
 
-class ClientFailure(FedPeftError, RuntimeError):
-    """A client's training round failed. The message starts with ``partition-id=<pid>:``
-    (see ``fedpeft.wire.failure_message``): Flower forwards only the exception's text to
-    the server, which reads the partition back from it."""
-
-
 class RunFailed(FedPeftError, RuntimeError):
     """A federated run did not complete."""

@@ -94,9 +94,10 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
 
 
 def _partition_of(strategy: object, node: str) -> int | None:
-    """Partition id a node reported (None before it ever replied)."""
-    lookup = getattr(strategy, "partition_of", None)
-    return lookup(node) if callable(lookup) else None
+    """Partition id a node reported (None before it ever replied); dense and replay
+    strategies both keep a ``NodePartitions`` map."""
+    partitions = getattr(strategy, "partitions", None)
+    return partitions.get(node) if partitions is not None else None
 
 
 def _nodes_needed(cfg: FedPeftConfig) -> int:

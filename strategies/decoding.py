@@ -43,6 +43,10 @@ class NodePartitions:
     def __init__(self) -> None:
         self.known: dict[str, int] = {}
 
+    def get(self, node: str | int) -> int | None:
+        """The partition ``node`` last reported (None before it ever did)."""
+        return self.known.get(str(node))
+
     def learn(self, reply: Message) -> int | None:
         """Update the map from ``reply``; return its node's partition (None if unknown)."""
         node, pid = str(reply.metadata.src_node_id), _reply_partition(reply)
@@ -160,16 +164,12 @@ class DecodingStrategy(Strategy):
             self._record_exclusions(rnd, decoded, reasons)
         return arrays, metrics
 
-    def partition_of(self, node: str) -> int | None:
-        """The partition ``node`` last reported (None before it ever replied)."""
-        return self.partitions.known.get(str(node))
-
     def _record_exclusions(self, rnd: int, decoded: list[Message],
                            reasons: list[str | None]) -> None:
         for reply, reason in zip(decoded, reasons, strict=True):
             if reason is not None:
                 node = str(reply.metadata.src_node_id)
-                self.traffic.exclude(rnd, node, self.partitions.known.get(node), self.name,
+                self.traffic.exclude(rnd, node, self.partitions.get(node), self.name,
                                      reason)
 
     def _decode(self, reply: Message, rnd: int) -> Message | None:

@@ -12,7 +12,6 @@ from flwr.app import Error, Message, Metadata
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import wire
-from fedpeft.errors import ClientFailure
 from fedpeft.reporting import RunDir
 from strategies import build_strategy
 from strategies.decoding import DecodingStrategy
@@ -127,7 +126,8 @@ def test_identical_updates_exclude_no_one() -> None:
 def test_rejected_and_failed_clients_are_recorded_with_round_node_and_partition() -> None:
     good, _ = _deltas(1)
     nan = {k: np.full_like(v, np.nan) for k, v in GLOBAL.items()}
-    failure = ClientFailure(wire.failure_message(2, ValueError("disk full")))
+    # as Flower words it when an exception escapes the ClientApp before fedpeft's handler
+    failure = RuntimeError(wire.failure_message(2, ValueError("disk full")))
     strat = _decoding(FedAvg())
 
     strat.aggregate_train(SERVER_ROUND, [_reply(0, good), _reply(1, nan),

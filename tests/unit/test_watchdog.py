@@ -93,3 +93,16 @@ def test_health_warns_on_a_mostly_failed_round_and_fails_after_empty_rounds(
     assert info.value.first_error == "partition-id=3: ValueError: bad"
     assert "for 2 round(s) in a row" in str(info.value)
     assert "First client error: partition-id=3: ValueError: bad" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedkseed"])
+def test_server_maps_nodes_to_partitions_for_dense_and_replay_strategies(name: str) -> None:
+    from server.app import _partition_of
+    from strategies import STRATEGIES, build_strategy
+    from strategies.decoding import DecodingStrategy
+
+    strategy = build_strategy(name, {})
+    if STRATEGIES.get(name).wrap:
+        strategy = DecodingStrategy(strategy)
+    strategy.partitions.known["5"] = 2
+    assert _partition_of(strategy, "5") == 2 and _partition_of(strategy, "6") is None
