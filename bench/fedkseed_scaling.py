@@ -31,8 +31,9 @@ from flwr.app import ConfigRecord, Message, Metadata
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft import wire
+from fedpeft.methods import build_model
 from fedpeft.methods.fedkseed import FedKSeedConfig, FedKSeedMethod
-from fedpeft.models import ModelConfig, load_causal_lm
+from fedpeft.models import ModelConfig
 from strategies.fedkseed import FedKSeedStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def server_time(k: int, tau: int, pools: list[int], clients: list[int], trainabl
                 repeats: int) -> list[dict]:
     cfg = FedKSeedConfig(num_seeds=k, local_steps=tau, trainable=trainable)
     method = FedKSeedMethod(cfg)
-    model = method.attach(load_causal_lm(ModelConfig()), seed=0)
+    model = build_model(method, ModelConfig(), seed=0)
     numel = sum(p.numel() for p in method.params(model).values())
     rows = []
     for pool in pools:

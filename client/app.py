@@ -22,9 +22,9 @@ from fedpeft import wire
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition_rows
 from fedpeft.errors import ConfigError
-from fedpeft.methods import ClientMethod, TrainContext, build_method
+from fedpeft.methods import ClientMethod, TrainContext, build_method, build_model
 from fedpeft.methods.base import cached_model
-from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
+from fedpeft.models import ModelConfig, get_tokenizer
 from fedpeft.schema import fingerprint
 
 app = ClientApp()
@@ -100,7 +100,7 @@ def _runtime(cfg: FedPeftConfig) -> tuple[ClientMethod, Any]:
 
     def build() -> tuple[ClientMethod, Any]:
         method = build_method(cfg.method.name, cfg.method)
-        model = method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed)
+        model = build_model(method, cfg.model, seed=cfg.run.seed)
         if getattr(method, "replays", False):
             save_base(method, model, base_path(cfg.model, _runtime_key(cfg)))
         return method, model

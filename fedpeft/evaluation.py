@@ -79,15 +79,15 @@ def _label_scores(
     if all(len(a) == 1 for a in answers):
         logits = _last_logits(model, prompts, pad_id)  # (B, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        return logp[:, [a[0] for a in answers]]  # (B, L)
+        return logp[:, [a[0] for a in answers]].cpu()  # (B, L)
     return torch.stack([_sequence_logp(model, prompts, a, pad_id) for a in answers], dim=1)
 
 
 def _last_logits(model: nn.Module, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     ids, mask = _pad(prompts, pad_id)
     out = model(input_ids=ids, attention_mask=mask)
-    last = mask.sum(dim=1) - 1
-    return out.logits[torch.arange(len(prompts)), last]
+    last = (mask.sum(dim=1) - 1).to(out.logits.device)
+    return out.logits[torch.arange(len(prompts), device=last.device), last]
 
 
 def _sequence_logp(model, prompts, answer: list[int], pad_id: int) -> torch.Tensor:
@@ -97,7 +97,7 @@ def _sequence_logp(model, prompts, answer: list[int], pad_id: int) -> torch.Tens
     total = torch.zeros(len(prompts))
     for b, p in enumerate(prompts):
         pos = torch.arange(len(p) - 1, len(p) - 1 + len(answer))
-        total[b] = logp[b, pos, torch.tensor(answer)].sum()
+        total[b] = float(logp[b, pos, torch.tensor(answer)].sum())
     return total
 
 
@@ -118,7 +118,7 @@ def _generation_loss(model, tokenizer, test, data_cfg, batch_size) -> EvalResult
         batch = collate(encoded[i : i + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits.float()
-        losses.append(_per_example_nll(logits, batch["labels"]))
+        losses.append(_per_example_nll(logits, batch["labels"].to(logits.device)).cpu())
     nll = torch.cat(losses)
     return EvalResult(loss=float(nll.mean()), accuracy=None, num_examples=len(encoded))
 

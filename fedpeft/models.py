@@ -17,13 +17,15 @@ directory and convert at most once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,12 +94,17 @@ class ModelConfig:
     """Which base model to load and how.
 
     ``name`` is a bundled name (see :data:`BUNDLED_MODELS`), a local directory or a hub
-    name. ``cache_dir`` holds fedpeft's converted copies (default: ``$FEDPEFT_CACHE`` or
-    ``~/.cache/fedpeft``); hub downloads use the Hugging Face cache as usual.
+    name. ``dtype`` is the precision the frozen base is held in (trainable tensors stay
+    float32; see :func:`place`). ``device`` is ``auto`` (CUDA when present), ``cpu``,
+    ``cuda`` or ``cuda:N``; it applies to every process holding a model (server and
+    clients), and a CUDA device that is not there fails validation. ``cache_dir`` holds
+    fedpeft's converted copies (default: ``$FEDPEFT_CACHE`` or ``~/.cache/fedpeft``); hub
+    downloads use the Hugging Face cache as usual.
     """
 
     name: str = "smollm2-135m"
     dtype: str = "float32"
+    device: str = "auto"
     revision: str | None = None
     cache_dir: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -106,12 +113,50 @@ class ModelConfig:
         """Check the dtype name and that a model name is given."""
         if self.dtype not in DTYPES:
             raise ConfigError.unknown("model.dtype", self.dtype, DTYPES)
+        resolve_device(self.device)
         if not self.name:
             raise ConfigError(
                 f"model.name is empty; expected one of {', '.join(BUNDLED_MODELS)}, "
                 "a local directory or a Hugging Face hub name"
             )
         self.tiny.validate()
+
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device ``model.device`` names on this machine.
+
+    ``auto`` is the current CUDA device when CUDA is usable, else the CPU. An explicit
+    ``cuda``/``cuda:N`` that this process cannot use is a ConfigError naming what was found,
+    so a misplaced run fails at validation instead of after loading a model.
+    """
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ConfigError.unknown("model.device", name, DEVICES)
+    return _cuda_device(name, int(match[1]) if match[1] else None)
+
+
+def _cuda_device(name: str, index: int | None) -> torch.device:
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not found:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise ConfigError(
+            f"model.device={name!r} needs a CUDA GPU, but this process finds none{hint}: "
+            f"torch {torch.__version__} reports CUDA available={torch.cuda.is_available()}. "
+            "Use model.device=auto (CUDA when present, else CPU) or model.device=cpu; in "
+            "simulations also give clients a GPU share with sim.client_gpus (e.g. 0.25)")
+    if index is not None and index >= found:
+        raise ConfigError(f"model.device={name!r}: this process sees {found} CUDA device(s), "
+                          f"valid: {', '.join(f'cuda:{i}' for i in range(found))}")
+    return torch.device("cuda", index if index is not None else torch.cuda.current_device())
 
 
 def cache_root(cfg: ModelConfig | None = None) -> Path:
@@ -397,6 +442,52 @@ def _tiny_llama(cfg: ModelConfig) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):  # seeded init; the caller's RNG is untouched
         torch.manual_seed(t.seed)
         return LlamaForCausalLM(config)
+
+
+def place(model: torch.nn.Module, trainable: Iterable[torch.nn.Parameter],
+          cfg: ModelConfig) -> torch.nn.Module:
+    """Put an attached model on ``cfg.device``, its trainable tensors in float32.
+
+    The frozen base stays in ``cfg.dtype``. When that is bfloat16/float16 the forward runs
+    under ``torch.autocast`` so float32 trainables (adapters, seed-tuned tensors) meet the
+    low-precision base in matmuls while their weights, gradients and in-place seeded
+    updates stay float32. Off the CPU, the forward also moves its tensor inputs to the
+    device, so callers keep building batches on the CPU.
+    """
+    device = resolve_device(cfg.device)
+    for param in trainable:
+        param.data = param.data.float()
+    model.to(device)
+    dtype = DTYPES[cfg.dtype]
+    if device.type != "cpu" or dtype != torch.float32:
+        _route_forward(model, device, dtype)
+    return model
+
+
+def _route_forward(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace ``model.forward`` on this instance by one that moves tensor inputs to
+    ``device`` and autocasts to ``dtype`` (below float32). Patching the instance keeps
+    parameter names, state-dict keys and ``peft``'s save/load unchanged for every method,
+    which a wrapping module would not."""
+    inner, low = model.forward, dtype != torch.float32
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(_to_device(a, device) for a in args)
+        kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=low):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device an attached model's parameters live on."""
+    return next(model.parameters()).device
 
 
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:

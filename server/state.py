@@ -13,8 +13,8 @@ from fedpeft import wire
 from fedpeft.config import FedPeftConfig
 from fedpeft.data import load_task_data
 from fedpeft.evaluation import evaluate
-from fedpeft.methods import build_method
-from fedpeft.models import get_tokenizer, load_causal_lm
+from fedpeft.methods import build_method, build_model
+from fedpeft.models import get_tokenizer
 from fedpeft.reporting import RunDir, format_progress, resolve_resume
 from fedpeft.types import RoundRecord
 from server.health import RunHealth
@@ -29,7 +29,7 @@ class GlobalModel:
         self.cfg, self.run, self.start_round = cfg, run, start_round
         self.method = build_method(cfg.method.name, cfg.method)
         self.tokenizer = get_tokenizer(cfg.model)
-        self.model = self.method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed)
+        self.model = build_model(self.method, cfg.model, seed=cfg.run.seed)
         self.data = load_task_data(cfg.data)
         self.strategy: Any = None
         self.history: list[RoundRecord] = []

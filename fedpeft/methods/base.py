@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpeft import models
 from fedpeft.data import collate
 from fedpeft.registry import Registry
 from fedpeft.types import ArrayDict, TrainResult
@@ -71,6 +72,10 @@ class ClientMethod(ABC):
     def train(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext) -> TrainResult:
         """Run one round of local training from the current state; return the update."""
 
+    def tuned(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The tensors this method trains: float32 whatever the base precision."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
     def initial_global(self, model: nn.Module) -> dict[str, Any]:
         """What the server broadcasts before round 1 (dense methods: the full state)."""
         return self.get_state(model)
@@ -91,6 +96,13 @@ class ClientMethod(ABC):
 def build_method(name: str, cfg: Any) -> ClientMethod:
     """Instantiate the registered method ``name`` with its validated config."""
     return METHODS.get(name)(cfg)
+
+
+def build_model(method: ClientMethod, model_cfg: models.ModelConfig, *, seed: int) -> nn.Module:
+    """A fresh base model with ``method`` attached, on ``model.device`` in ``model.dtype``
+    (trainable tensors float32): what every client, the server and the benches train on."""
+    model = method.attach(models.load_causal_lm(model_cfg), seed=seed)
+    return models.place(model, method.tuned(model).values(), model_cfg)
 
 
 _MODEL_CACHE: dict[tuple[Any, ...], nn.Module] = {}

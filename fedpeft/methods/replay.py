@@ -84,6 +84,9 @@ class ReplayMethod(ClientMethod):
                                   "adapter parameter")
         return named
 
+    def tuned(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.params(model)
+
     def get_state(self, model: nn.Module) -> dict[str, np.ndarray]:
         return {k: v.detach().to(torch.float32, copy=True).cpu().numpy()
                 for k, v in self.params(model).items()}

@@ -47,6 +47,7 @@ CASES: list[tuple[str, str]] = [
     ("data.test_size=0", "data.test_size must be >= 1"),
     ("data.partition.alpha=0", "data.partition.alpha must be > 0"),
     ("model.dtype=float8", "model.dtype"),
+    ("model.device=gpu", "unknown model.device 'gpu'; valid choices: auto, cpu, cuda, cuda:N"),
     # unknown keys and names, with what would work
     ("foo=1", "unknown config key 'foo'"),
     ("strategy.fraction_trian=0.5", "did you mean fraction_train"),
