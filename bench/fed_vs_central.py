@@ -25,8 +25,8 @@ from fedpeft import cli
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import encode_dataset, load_task_data
 from fedpeft.evaluation import evaluate
-from fedpeft.methods import TrainContext, build_method
-from fedpeft.models import get_tokenizer, load_causal_lm
+from fedpeft.methods import TrainContext, build_method, build_model
+from fedpeft.models import get_tokenizer, resolve_device
 from fedpeft.reporting import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def federated(overrides: list[str], out: Path) -> dict:
 def central(cfg: FedPeftConfig) -> dict:
     steps_per_round = cfg.sim.num_clients * cfg.method.local_steps
     method = build_method(cfg.method.name, cfg.method)
-    model = method.attach(load_causal_lm(cfg.model), seed=cfg.run.seed)
+    model = build_model(method, cfg.model, seed=cfg.run.seed)
     tok, data = get_tokenizer(cfg.model), load_task_data(cfg.data)
     examples = encode_dataset(data.train, tok, data.label_names, cfg.data)
     central_cfg = type(cfg.method)(**{**cfg.method.__dict__, "local_steps": steps_per_round})
@@ -82,10 +82,19 @@ def central(cfg: FedPeftConfig) -> dict:
             "raw_training_text_bytes": text_bytes}
 
 
+def _machine(cfg: FedPeftConfig) -> str:
+    device = resolve_device(cfg.model.device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {cfg.model.dtype} base"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch " \
+           "threads, CPU"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
+    p.add_argument("--name", default=None, help="result file (default: by overrides)")
     args = p.parse_args()
     out = Path(args.out)
     cfg = compose(args.overrides)
@@ -93,8 +102,7 @@ def main() -> None:
     cen = central(cfg)
     result = {
         "config_overrides": args.overrides,
-        "machine": f"{platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch threads, CPU",
+        "machine": _machine(cfg),
         "federated": fed,
         "centralized": cen,
         # Both sides without held-out evaluation (the federated round time includes it).
@@ -105,7 +113,7 @@ def main() -> None:
             (fed["bytes_up_per_round"] + fed["bytes_down_per_round"])
             / cen["raw_training_text_bytes"],
     }
-    name = "fed_vs_central" + ("" if not args.overrides else "-custom") + ".json"
+    name = args.name or "fed_vs_central" + ("" if not args.overrides else "-custom") + ".json"
     (out / name).write_text(json.dumps(result, indent=2))
     shutil.copy(Path(fed["run_dir"]) / "metrics.jsonl", out / name.replace(".json", ".jsonl"))
     print(json.dumps(result, indent=2))

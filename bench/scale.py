@@ -38,10 +38,12 @@ class RssSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak: dict[int, float] = {}
+        self.gpu_peak_mib = 0.0  # all processes on the GPU together (nvidia-smi), if any
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
+            self.gpu_peak_mib = max(self.gpu_peak_mib, _gpu_used_mib())
             for p in psutil.process_iter(["pid", "cmdline"]):
                 cmd = " ".join(p.info.get("cmdline") or [])
                 if "ClientAppActor" in cmd:
@@ -53,11 +55,24 @@ class RssSampler(threading.Thread):
             time.sleep(0.5)
 
 
+def _gpu_used_mib() -> float:
+    """Memory used by compute processes on the GPUs, from nvidia-smi (0 without one)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0.0
+    return float(sum(float(x) for x in out.split() if x.strip().isdigit()))
+
+
 def simulate(k: int, args: argparse.Namespace) -> dict:
     """One run with ``k`` of ``args.clients`` sampled per round."""
     run_id = f"scale-{args.clients}-{k}-{int(time.time())}"
-    overrides = ["model=tiny-llama", "data.partition.type=iid", "data.test_size=20",
+    overrides = [f"model={args.model}", f"model.device={args.device}",
+                 f"model.dtype={args.dtype}", "data.partition.type=iid", "data.test_size=20",
                  f"sim.num_clients={args.clients}", f"sim.client_cpus={args.client_cpus}",
+                 f"sim.client_gpus={args.client_gpus}",
                  f"strategy.fraction_train={k / args.clients}", f"strategy.min_train_nodes={k}",
                  f"strategy.min_available_nodes={args.clients}", f"run.num_rounds={args.rounds}",
                  "eval.every=0", "run.checkpoint=false", "method.local_steps=2",
@@ -70,7 +85,9 @@ def simulate(k: int, args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     sampler.done.set()
     lines = (Path(args.runs) / run_id / "metrics.jsonl").read_text().splitlines()
-    return summarize(k, [json.loads(x) for x in lines], sampler.peak, wall, args)
+    row = summarize(k, [json.loads(x) for x in lines], sampler.peak, wall, args)
+    row["gpu_peak_mib"] = sampler.gpu_peak_mib or None
+    return row
 
 
 def summarize(k: int, records: list[dict], peak: dict[int, float], wall: float,
@@ -84,11 +101,22 @@ def summarize(k: int, records: list[dict], peak: dict[int, float], wall: float,
     return {"sampled": k, "clients": args.clients, "workers": workers,
             "accepted_per_round": [r["num_clients"] for r in records if r["round"] >= 1],
             "s_per_round": statistics.median(r["wall_time_s"] for r in later),
+            "clients_per_hour": 3600 * k / statistics.median(r["wall_time_s"] for r in later),
             "client_train_s_mean": statistics.median(r["client_train_s"] for r in later),
             "overhead_ratio": statistics.median(b / t - 1 for b, t in zip(busy, train,
                                                                           strict=True)),
             "peak_rss_mib_per_worker": round(max(peak.values()), 1) if peak else None,
             "run_wall_s": wall}
+
+
+def _machine(args: argparse.Namespace) -> str:
+    import os
+
+    import torch
+
+    if args.client_gpus > 0 and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()}-core CPU"
 
 
 def main() -> None:
@@ -97,11 +125,16 @@ def main() -> None:
     p.add_argument("--sampled", type=int, nargs="+", default=[8, 64, 256])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--client-cpus", type=int, default=1)
+    p.add_argument("--client-gpus", type=float, default=0.0)
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--runs", default=str(ROOT / "bench" / "results" / "runs"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale-cpu.json"))
     args = p.parse_args()
     rows = [simulate(k, args) for k in args.sampled]
-    Path(args.out).write_text(json.dumps({"machine": "2-core CPU", "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"machine": _machine(args), "model": args.model,
+                                          "rows": rows}, indent=2))
     print("| sampled / clients | s per round | client train s | overhead beyond training "
           "| peak RSS per worker |\n|---|---|---|---|---|")
     for r in rows:

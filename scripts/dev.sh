@@ -3,6 +3,7 @@
 #   bash scripts/dev.sh demo [overrides...]   set up .venv if needed, run the default simulation
 #   bash scripts/dev.sh test [pytest args...] set up .venv if needed, run the test suite
 #   bash scripts/dev.sh setup                 only create/refresh the virtual environment
+#   bash scripts/dev.sh gpu-check [--list]    CUDA tests + GPU benchmarks (no CUDA: says so, exit 0)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FEDPEFT_VENV:-$ROOT/.venv}"
@@ -31,5 +32,8 @@ case "$cmd" in
   setup) setup ;;
   demo)  setup; cd "$ROOT"; exec "$VENV/bin/fedpeft" simulate "$@" ;;
   test)  setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  *) echo "usage: $0 {setup|demo|test} [args...]" >&2; exit 2 ;;
+  # No setup: GPU machines may be offline; use the venv if there is one, else python3.
+  gpu-check) cd "$ROOT"; PYBIN="$VENV/bin/python"; [[ -x "$PYBIN" ]] || PYBIN="$(command -v "$PY")"
+             PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PYBIN" bench/gpu_check.py "$@" ;;
+  *) echo "usage: $0 {setup|demo|test|gpu-check} [args...]" >&2; exit 2 ;;
 esac
