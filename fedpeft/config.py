@@ -25,6 +25,8 @@ from fedpeft.data import DataConfig
 from fedpeft.errors import ConfigError
 from fedpeft.methods import METHODS
 from fedpeft.models import ModelConfig
+from fedpeft.privacy import PRIVACY, build_privacy
+from fedpeft.privacy.base import NoPrivacyConfig
 
 CONFIG_DIR_ENV = "FEDPEFT_CONFIG_DIR"
 # Component packages outside ``fedpeft/`` that take part in validation. They are loaded
@@ -165,10 +167,11 @@ class FedPeftConfig:
     run: RunConfig
     eval: EvalConfig
     sim: SimConfig = field(default_factory=SimConfig)
+    privacy: Any = field(default_factory=NoPrivacyConfig)
     overrides: tuple[str, ...] = ()
 
 
-_TOP = {"model", "data", "method", "strategy", "run", "eval", "sim"}
+_TOP = {"model", "data", "method", "strategy", "privacy", "run", "eval", "sim"}
 
 
 def default_config_dir() -> Path:
@@ -205,7 +208,7 @@ def _add_or_set(override: str) -> str:
     return f"++{override}" if _DOTTED.match(override) else override
 
 
-_GROUPS = ("model", "data", "method", "strategy")
+_GROUPS = ("model", "data", "method", "strategy", "privacy")
 
 
 def _check_override_key(override: str) -> None:
@@ -257,10 +260,18 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
         run=schema.build(RunConfig, raw.get("run"), "run"),
         eval=schema.build(EvalConfig, raw.get("eval"), "eval"),
         sim=schema.build(SimConfig, raw.get("sim"), "sim"),
+        privacy=_privacy(raw.get("privacy")),
         overrides=overrides,
     )
     check_compatibility(cfg)
     return cfg
+
+
+def _privacy(raw: dict[str, Any] | None) -> Any:
+    """The privacy mechanism's config (``privacy: none`` when the tree has none)."""
+    data = dict(raw or {"name": "none"})
+    cls = PRIVACY.get(_component_name(data, "privacy", PRIVACY.names())).config_cls
+    return schema.build(cls, data, "privacy")
 
 
 def _strategy(raw: dict[str, Any]) -> StrategyConfig:
@@ -287,6 +298,8 @@ def check_compatibility(cfg: FedPeftConfig) -> None:
     """Run the registered strategy checks: known name, valid options, and that the
     strategy can aggregate the method's update kind (errors name what would fit)."""
     load_components()
-    kind = getattr(METHODS.get(cfg.method.name), "update_kind", "dense")
+    method = METHODS.get(cfg.method.name)
+    kind = getattr(method, "update_kind", "dense")
     for check in _STRATEGY_CHECKS:
         check(cfg.strategy.name, dict(cfg.strategy.params), kind)
+    build_privacy(cfg.privacy).check(method, cfg.strategy.name, dict(cfg.strategy.params))

@@ -25,10 +25,11 @@ from fedpeft.data import DataConfig
 from fedpeft.errors import ConfigError
 from fedpeft.methods import METHODS
 from fedpeft.models import ModelConfig
+from fedpeft.privacy import PRIVACY
 
 _PLAIN = {"model": ModelConfig, "data": DataConfig, "run": RunConfig, "eval": EvalConfig,
           "sim": SimConfig}
-_COMPONENTS = ("model", "data", "method", "strategy")
+_COMPONENTS = ("model", "data", "method", "strategy", "privacy")
 
 
 def yaml_names(group: str) -> list[str]:
@@ -52,9 +53,10 @@ def group_text(group: str) -> str:
     """Every valid key of ``group`` with its type and default."""
     if group in _PLAIN:
         return f"{group}:\n" + _fields(_PLAIN[group], group)
-    if group == "method":
-        return "\n".join(f"method={n}:\n" + _fields(METHODS.get(n).config_cls, "method")
-                         for n in METHODS.names())
+    if group in ("method", "privacy"):
+        registry = METHODS if group == "method" else PRIVACY
+        return "\n".join(f"{group}={n}:\n" + _fields(registry.get(n).config_cls, group)
+                         for n in registry.names())
     if group == "strategy":
         return _strategies()
     raise ConfigError.unknown("config group", group, [*_COMPONENTS, *_PLAIN])

@@ -37,6 +37,7 @@ class TrainContext:
     pad_token_id: int
     proximal_mu: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)  # method-specific inputs
+    privacy: Any = None  # the client-side privacy mechanism's config (None: not private)
 
 
 class ClientMethod(ABC):
@@ -47,11 +48,14 @@ class ClientMethod(ABC):
         config_cls: frozen dataclass holding this method's options.
         update_kind: what ``train`` returns on the wire (``dense``: tensor deltas);
             strategies declare which kinds they aggregate.
+        first_order: local training takes gradient steps (so DP-SGD can clip
+            per-example gradients); zeroth-order methods set False.
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
     update_kind: ClassVar[str] = "dense"
+    first_order: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

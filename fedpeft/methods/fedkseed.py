@@ -203,6 +203,7 @@ class FedKSeedMethod(ReplayMethod):
     name = "fedkseed"
     config_cls = FedKSeedConfig
     update_kind = "seeds"
+    first_order = False
 
     def attach(self, base_model: nn.Module, *, seed: int) -> nn.Module:
         self._seeds = candidate_seeds(seed, self.cfg.num_seeds)

@@ -1,6 +1,19 @@
-"""Differential-privacy bookkeeping for federated runs.
+"""Differential privacy: mechanisms (one module each, registered in ``PRIVACY``), their
+configs, and the per-client ledger (:mod:`fedpeft.privacy.accounting`).
 
-:mod:`fedpeft.privacy.accounting` keeps a per-participant ledger of privacy events and turns
-it into (ε, δ) with Opacus's RDP and PRV accountants. Import it directly; this package
-imports nothing itself so that ``import fedpeft.privacy`` stays cheap.
+Mechanism modules import Opacus only inside the functions that train, so composing a
+config stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from fedpeft.privacy.base import PRIVACY, PrivacyMechanism, build_privacy
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name not in ("base", "accounting") and not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+__all__ = ["PRIVACY", "PrivacyMechanism", "build_privacy"]

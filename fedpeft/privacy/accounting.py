@@ -153,6 +153,31 @@ class PrivacyEvent:
         return cls(**data)
 
 
+# How a client reports what its mechanism did, in its reply's metrics (floats only).
+EVENT_METRICS = ("dp_noise_multiplier", "dp_sample_rate", "dp_steps")
+
+
+def event_metrics(event: PrivacyEvent) -> dict[str, float]:
+    """The reply metrics describing ``event`` (see :func:`event_from_metrics`)."""
+    values = (event.noise_multiplier, event.sample_rate, float(event.steps))
+    return dict(zip(EVENT_METRICS, values, strict=True))
+
+
+def event_from_metrics(metrics: Mapping[str, Any], level: str = "sample") -> PrivacyEvent | None:
+    """The event a client reported, None if it reported none; a partial or malformed
+    report raises ConfigError (the server must not account for less than happened)."""
+    present = [k for k in EVENT_METRICS if k in metrics]
+    if not present:
+        return None
+    if len(present) != len(EVENT_METRICS):
+        raise ConfigError(f"privacy event metrics: expected all of {list(EVENT_METRICS)}, "
+                          f"found {present}")
+    sigma, rate, steps = (float(metrics[k]) for k in EVENT_METRICS)
+    if steps != int(steps):
+        raise ConfigError(f"privacy event metrics: dp_steps must be whole, found {steps}")
+    return PrivacyEvent(sigma, rate, int(steps), level)
+
+
 def _merge(events: Iterable[PrivacyEvent]) -> History:
     """Opacus history of ``events``: equal consecutive (sigma, q) merged, zero steps dropped."""
     out: list[tuple[float, float, int]] = []

@@ -293,3 +293,13 @@ def test_misuse_of_the_ledger_is_rejected() -> None:
     with pytest.raises(ConfigError, match="expected a PrivacyEvent"):
         ledger.record("0", (1.0, 0.1, 1), 1)  # type: ignore[arg-type]
     assert ledger.worst(1e-5, level="client") is None
+
+
+def test_event_metrics_round_trip_and_partial_reports_fail() -> None:
+    event = E(1.3, 0.02, 7)
+    assert accounting.event_from_metrics(accounting.event_metrics(event)) == event
+    assert accounting.event_from_metrics({"train_loss": 1.0}) is None
+    with pytest.raises(ConfigError, match="expected all of"):
+        accounting.event_from_metrics({"dp_noise_multiplier": 1.0, "dp_steps": 3.0})
+    with pytest.raises(ConfigError, match="must be whole"):
+        accounting.event_from_metrics({**accounting.event_metrics(event), "dp_steps": 2.5})

@@ -1,0 +1,107 @@
+"""Privacy mechanisms: the ABC, its registry, and which combinations can be made private.
+
+A mechanism is chosen with ``privacy=<name>`` (one YAML each under ``configs/privacy/``)
+and says at which level ε is meant: ``sample`` (one training example of a client, e.g.
+DP-SGD) or ``client`` (a client's whole contribution in a round). Client-side mechanisms
+receive their config in ``TrainContext.privacy``; each describes what it did as
+:class:`~fedpeft.privacy.accounting.PrivacyEvent` values, which the server's ledger
+composes per client across rounds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fedpeft.errors import ConfigError, IncompatibleComponentsError
+from fedpeft.registry import Registry
+
+PRIVACY: Registry[type[PrivacyMechanism]] = Registry("privacy")
+LEVELS = ("none", "sample", "client")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Options every mechanism shares: δ, and an optional ε budget per client."""
+
+    delta: float = 1e-5
+    max_epsilon: float | None = None  # stop sampling a client whose next round exceeds it
+
+    def check_budget(self, prefix: str) -> None:
+        """δ in (0, 1) and a positive budget, named by their keys."""
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"{prefix}.delta must be in (0, 1), found {self.delta!r}")
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise ConfigError(f"{prefix}.max_epsilon must be > 0 (or null for no budget), "
+                              f"found {self.max_epsilon!r}")
+
+
+class PrivacyMechanism(ABC):
+    """One way of making a run differentially private.
+
+    Class attributes:
+        name: registry name (``privacy.name``).
+        config_cls: frozen dataclass of its options.
+        level: what one unit of privacy protects (see :data:`LEVELS`).
+        update_kinds: method update kinds it can protect (``dense``, ``seeds``,
+            ``projections``); ``first_order``: it needs methods that take gradient steps.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    level: ClassVar[str] = "none"
+    update_kinds: ClassVar[tuple[str, ...]] = ("dense", "seeds", "projections")
+    first_order: ClassVar[bool] = False
+    remedy: ClassVar[str] = ""  # what to use instead when a method does not fit
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def check(self, method: type, strategy: str, params: dict[str, Any]) -> None:
+        """Fail, saying why, when this mechanism cannot protect ``method`` under
+        ``strategy`` (override to add strategy-specific rules)."""
+        kind = getattr(method, "update_kind", "dense")
+        if kind not in self.update_kinds or (self.first_order and not _first_order(method)):
+            raise IncompatibleComponentsError(
+                f"privacy={self.name} cannot protect method={method.name}: it "
+                f"{self._needs()}, and {method.name} {_describe(method)}. {self.remedy}".strip())
+
+    def _needs(self) -> str:
+        if self.first_order:
+            return "clips per-example gradients of local gradient steps"
+        return f"protects {'/'.join(self.update_kinds)} updates"
+
+
+def _first_order(method: type) -> bool:
+    return bool(getattr(method, "first_order", False))
+
+
+def _describe(method: type) -> str:
+    kind = getattr(method, "update_kind", "dense")
+    if not _first_order(method):
+        return f"takes zeroth-order steps (no per-example gradients; update kind {kind!r})"
+    return f"sends {kind!r} updates"
+
+
+def build_privacy(cfg: Any) -> PrivacyMechanism:
+    """The mechanism ``cfg.name`` with its validated config."""
+    return PRIVACY.get(cfg.name)(cfg)
+
+
+@dataclass(frozen=True)
+class NoPrivacyConfig:
+    """``privacy=none``: no mechanism, no ε (the run reports itself as non-private)."""
+
+    name: str = "none"
+
+
+@PRIVACY.register("none")
+class NoPrivacy(PrivacyMechanism):
+    """No differential privacy.
+
+    Paper: none (the non-private baseline every private run is compared against).
+    """
+
+    name = "none"
+    config_cls = NoPrivacyConfig
