@@ -9,6 +9,7 @@ simulation sets automatically and SuperNodes take from ``--node-config``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -26,6 +27,7 @@ from fedpeft.methods import ClientMethod, TrainContext, build_method, build_mode
 from fedpeft.methods.base import cached_model
 from fedpeft.models import ModelConfig, get_tokenizer
 from fedpeft.schema import fingerprint
+from fedpeft.types import DenseUpdate, TrainResult
 
 app = ClientApp()
 log = logging.getLogger("flwr")
@@ -69,11 +71,23 @@ def _train(msg: Message, context: Context) -> Message:
         pad_token_id=int(get_tokenizer(cfg.model).pad_token_id),
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
         extra=extra,
+        privacy=cfg.privacy if cfg.privacy.name != "none" else None,
     )
     result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
+    if getattr(cfg.privacy, "name", "none") == "client":
+        result = _clip_update(result, cfg.privacy.clip)
     content = wire.reply_content(wire.encode_update(result.update), result.num_examples,
                                  result.metrics, partition_id=pid)
     return Message(content=content, reply_to=msg)
+
+
+def _clip_update(result: TrainResult, bound: float) -> TrainResult:
+    """Client-level DP: the update scaled to L2 norm <= ``bound`` before it leaves."""
+    from strategies.client_dp import clip
+
+    clipped, norm = clip(dict(result.update.deltas), bound)
+    return dataclasses.replace(result, update=DenseUpdate(clipped),
+                               metrics={**result.metrics, "dp_update_norm": norm})
 
 
 @functools.lru_cache(maxsize=8)

@@ -127,7 +127,8 @@ def simulate(overrides: list[str], app: Path) -> int:
         print(f"fedpeft: error: run {run.path.name} {status.get('state')}: "
               f"{status.get('error', status)}", file=sys.stderr)
         return 130 if status.get("state") == "interrupted" else 1
-    print(f"fedpeft: run completed; metrics in {run.metrics_path}")
+    stopped = f" early ({status['stopped']})" if status.get("stopped") else ""
+    print(f"fedpeft: run completed{stopped}; metrics in {run.metrics_path}")
     return 0
 
 

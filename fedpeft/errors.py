@@ -44,3 +44,7 @@ class UpdateRejected(FedPeftError):
 
 class RunFailed(FedPeftError, RuntimeError):
     """A federated run did not complete."""
+
+
+class BudgetExhausted(FedPeftError):
+    """No client has privacy budget left for another round: the run ends cleanly."""

@@ -111,11 +111,18 @@ def format_progress(rec: RoundRecord, num_rounds: int) -> str:
         parts.append(f"up={up / 2**20:.2f}MiB down={down / 2**20:.2f}MiB")
     if rec.num_rejected:
         parts.append(f"rejected={rec.num_rejected}")
+    if rec.privacy:
+        parts.append(f"eps={_eps(rec.privacy.get('epsilon_rdp'))}(rdp)/"
+                     f"{_eps(rec.privacy.get('epsilon_prv'))}(prv)")
     dropped = [e for e in getattr(rec, "excluded", []) if e.get("by") != "decoder"]
     if dropped:
         parts.append(f"excluded={len(dropped)}")
     parts.append(f"{rec.wall_time_s:.1f}s")
     return " ".join(parts)
+
+
+def _eps(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _clean(obj: Any) -> Any:

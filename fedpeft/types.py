@@ -94,6 +94,7 @@ class RoundRecord:
     payload_bytes_down: Mapping[str, int] = field(default_factory=dict)
     rejected: Mapping[str, str] = field(default_factory=dict)  # node -> reason (refused replies)
     excluded: list[Exclusion] = field(default_factory=list)  # every rejection and exclusion
+    privacy: Mapping[str, object] = field(default_factory=dict)  # worst ε so far (DP runs)
     extra: Mapping[str, float] = field(default_factory=dict)
 
 

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
 from fedpeft.config import FedPeftConfig, load_components
-from fedpeft.errors import RunFailed
+from fedpeft.errors import BudgetExhausted, RunFailed
 from fedpeft.preflight import preflight
 from fedpeft.reporting import RunDir, resolve_resume
 from fedpeft.schema import to_dict
@@ -35,6 +35,10 @@ def main(grid: Grid, context: Context) -> None:
     run.set_status("running", start_round=start_round, pid=os.getpid())
     try:
         serve(grid, cfg, run, start_round)
+    except BudgetExhausted as exc:  # a clean end: every client spent its privacy budget
+        log.warning("fedpeft: %s; stopping", exc)
+        run.set_status("completed", rounds=_rounds_done(run), stopped=str(exc))
+        return
     except RunFailed as exc:  # an expected end: nothing trained, stalled, no nodes
         log.error("fedpeft: run failed: %s", exc)
         run.set_status("failed", error=str(exc), reason=type(exc).__name__,
@@ -75,22 +79,33 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
             strategy.round_offset = start_round
     if STRATEGIES.get(cfg.strategy.name).wrap:
         strategy = DecodingStrategy(strategy, round_offset=start_round, name=cfg.strategy.name)
+    strategy.privacy_required = state.privacy.mechanism.level == "sample"
+    if state.privacy.mechanism.level == "client":
+        strategy.enable_client_dp(cfg.privacy)
+    strategy.admit = lambda nodes, rnd: state.privacy.admit(
+        nodes, lambda node: _partition_of(strategy, str(node)), rnd)
     state.strategy = strategy
     grid = WatchedGrid(grid, stall_timeout_s=cfg.run.stall_timeout_s,
                        node_wait_s=cfg.run.node_wait_s, nodes_needed=_nodes_needed(cfg),
                        partition_of=lambda node: _partition_of(state.strategy, node))
     log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
              cfg.run.num_rounds)
-    strategy.start(
-        grid=grid,
-        initial_arrays=wire.to_arrayrecord(state.initial_state()),
-        num_rounds=remaining,
-        timeout=cfg.run.round_timeout_s,
-        train_config=ConfigRecord({"seed": cfg.run.seed}),
-        evaluate_fn=state.end_of_round,
-    )
-    state.log_summary()
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=wire.to_arrayrecord(state.initial_state()),
+            num_rounds=remaining,
+            timeout=cfg.run.round_timeout_s,
+            train_config=ConfigRecord({"seed": cfg.run.seed}),
+            evaluate_fn=state.end_of_round,
+        )
+    finally:
+        state.log_summary()
 
+
+
+def _rounds_done(run: RunDir) -> int:
+    return max((r["round"] for r in run.records()), default=0)
 
 
 def _partition_of(strategy: object, node: str) -> int | None:

@@ -18,6 +18,7 @@ from fedpeft.models import get_tokenizer
 from fedpeft.reporting import RunDir, format_progress, resolve_resume
 from fedpeft.types import RoundRecord
 from server.health import RunHealth
+from server.privacy import PrivacyBook
 
 log = logging.getLogger("flwr")
 
@@ -38,6 +39,7 @@ class GlobalModel:
         self._apply_s: float | None = None
         self.checkpoint = None
         self.health = RunHealth(cfg.run.max_empty_rounds)
+        self.privacy = PrivacyBook(cfg, run, resume=bool(start_round))
         if start_round:
             _, _, self.checkpoint = resolve_resume(cfg.run.resume or "")
             self.method.load(self.model, self.checkpoint)
@@ -60,7 +62,7 @@ class GlobalModel:
         self._eval_s = time.perf_counter() - t_eval if ev else None
         if rnd > 0 and self.cfg.run.checkpoint:
             self._checkpoint(rnd)
-        record = self._record(rnd, server_round, ev)
+        record = self._record(rnd, server_round, ev, self._privacy(rnd, server_round))
         self.run.append(record)
         self.history.append(record)
         if self.cfg.run.progress:
@@ -90,7 +92,8 @@ class GlobalModel:
             self.strategy.save(path)
         (path / ".complete").write_text(str(rnd))
 
-    def _record(self, rnd: int, server_round: int, ev: Any) -> RoundRecord:
+    def _record(self, rnd: int, server_round: int, ev: Any,
+                privacy: dict | None = None) -> RoundRecord:
         traffic = self.strategy.traffic if (self.strategy and server_round > 0) else None
         train = getattr(self.strategy, "last_train_metrics", None) if traffic else None
         return RoundRecord(
@@ -111,7 +114,13 @@ class GlobalModel:
             payload_bytes_down=dict(traffic.payload_bytes_down) if traffic else {},
             rejected=dict(traffic.rejected) if traffic else {},
             excluded=list(traffic.excluded) if traffic else [],
+            privacy=privacy or {},
         )
+
+    def _privacy(self, rnd: int, server_round: int) -> dict:
+        """Compose the round's privacy events into the ledger; the worst ε so far."""
+        traffic = self.strategy.traffic if (self.strategy and server_round > 0) else None
+        return self.privacy.record_round(rnd, traffic.privacy) if traffic else {}
 
     def log_summary(self) -> None:
         evals = [r for r in self.history if r.eval_accuracy is not None]
@@ -119,6 +128,12 @@ class GlobalModel:
             log.info("fedpeft: held-out accuracy %.4f (round %d) -> %.4f (round %d)",
                      evals[0].eval_accuracy, evals[0].round,
                      evals[-1].eval_accuracy, evals[-1].round)
+        if self.privacy.active:
+            p = self.privacy.round_summary()
+            log.info("fedpeft: privacy (%s, %s-level) worst client %s: epsilon %s (RDP) / %s "
+                     "(PRV) at delta=%g; per-client ledger in %s", p["mechanism"], p["level"],
+                     p["worst_client"], p["epsilon_rdp"], p["epsilon_prv"], p["delta"],
+                     self.privacy.path)
         log.info("fedpeft: metrics in %s", self.run.metrics_path)
 
 

@@ -27,9 +27,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft import wire
-from fedpeft.errors import UpdateRejected
+from fedpeft.errors import ConfigError, UpdateRejected
+from fedpeft.privacy.accounting import PrivacyEvent, event_from_metrics
+from fedpeft.privacy.client import LEDGER_KEY
 from fedpeft.types import Exclusion
-from strategies import exclusions
+from strategies import client_dp, exclusions
 
 log = logging.getLogger("fedpeft.strategy")
 REJECTED_BY = "decoder"  # ``by`` of replies refused before aggregation
@@ -73,6 +75,7 @@ class RoundTraffic:
     payload_bytes_up: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     excluded: list[Exclusion] = field(default_factory=list)
+    privacy: dict[str, PrivacyEvent] = field(default_factory=dict)  # partition -> event
     accepted: int = 0
     aggregate_s: float = 0.0  # server wall time spent in aggregate_train
 
@@ -93,10 +96,32 @@ class RoundTraffic:
         log.warning("round %d: %s excluded node %s (partition %s): %s",
                     rnd, by, node, partition, reason)
 
+    def note_privacy(self, node: str, partition: int | None, metrics: Any,
+                     required: bool) -> None:
+        """Keep the privacy event a reply reports, keyed by partition (``node-<id>`` while
+        unknown). Every reply that reports one is accounted, used or not; with privacy on,
+        a reply without one (or with a partial one) is refused: it cannot be accounted."""
+        try:
+            event = event_from_metrics(metrics)
+        except ConfigError as exc:
+            raise UpdateRejected(str(exc)) from None
+        if event is None and required:
+            raise UpdateRejected("privacy is on but the reply reports no privacy event "
+                                 "(dp_* metrics), so it cannot be accounted")
+        if event is not None:
+            self.privacy[str(partition) if partition is not None else f"node-{node}"] = event
+
     def reject(self, rnd: int, node: str, partition: int | None, reason: str) -> None:
         """A reply refused before aggregation (also kept in ``rejected``: node -> reason)."""
         self.rejected[node] = reason
         self.exclude(rnd, node, partition, REJECTED_BY, reason)
+
+
+def admitted(strategy: Any, nodes: list[int], rnd: int) -> list[int]:
+    """``nodes`` less those the server's privacy budget leaves out (``strategy.admit``,
+    set by the server when ``privacy.max_epsilon`` is configured)."""
+    admit = getattr(strategy, "admit", None)
+    return admit(nodes, rnd) if admit is not None else nodes
 
 
 def records_aggregate_time(aggregate_train: Callable[..., Any]) -> Callable[..., Any]:
@@ -129,7 +154,17 @@ class DecodingStrategy(Strategy):
         self.max_abs = max_abs
         self.traffic = RoundTraffic()
         self.last_train_metrics: MetricRecord | None = None
+        self.privacy_required = False  # set by the server when a client-side DP runs
+        self.client_dp: Any = None  # ClientDPConfig when the run is private at client level
+        self._expected = 0.0
         self._global: dict = {}
+
+    def enable_client_dp(self, cfg: Any) -> None:
+        """Sample clients by Poisson and aggregate their noisy mean (``privacy=client``):
+        the wrapped strategy builds a message for every node (fraction 1), of which each
+        is kept with probability ``cfg.sample_rate``."""
+        self.client_dp = cfg
+        self.inner.fraction_train = 1.0
 
     def summary(self) -> None:
         self.inner.summary()
@@ -140,6 +175,10 @@ class DecodingStrategy(Strategy):
         self._global = wire.from_arrayrecord(arrays)
         config["round"] = server_round + self.round_offset
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        keep = set(admitted(self, [m.metadata.dst_node_id for m in messages], config["round"]))
+        messages = [m for m in messages if m.metadata.dst_node_id in keep]
+        if self.client_dp is not None:
+            messages, self._expected = client_dp.sample(messages, self.client_dp)
         self.traffic = RoundTraffic.for_messages(messages)
         return messages
 
@@ -150,6 +189,10 @@ class DecodingStrategy(Strategy):
         rnd = server_round + self.round_offset
         decoded = [m for m in (self._decode(r, rnd) for r in replies) if m is not None]
         self.traffic.accepted = len(decoded)
+        if self.client_dp is not None:
+            self.traffic.privacy[LEDGER_KEY] = self.client_dp.event()
+            decoded = client_dp.aggregate(decoded, self._global, self.client_dp,
+                                          self._expected) if decoded else []
         self.last_train_metrics = None
         if not decoded:
             log.warning("round %d: no acceptable client update; global state unchanged", rnd)
@@ -180,6 +223,7 @@ class DecodingStrategy(Strategy):
         self.traffic.bytes_up[node] = wire.message_bytes(reply)
         try:
             arrays, metrics = _split_reply(reply.content)
+            self.traffic.note_privacy(node, pid, metrics, self.privacy_required)
             self.traffic.payload_bytes_up[node] = wire.payload_bytes(arrays)
             update = wire.decode_update(arrays, self._global, max_abs=self.max_abs)
         except UpdateRejected as exc:

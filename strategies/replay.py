@@ -26,7 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpeft import wire
 from fedpeft.errors import UpdateRejected
-from strategies.decoding import NodePartitions, RoundTraffic, records_aggregate_time
+from strategies.decoding import NodePartitions, RoundTraffic, admitted, records_aggregate_time
 
 log = logging.getLogger("fedpeft.strategy")
 STATE_FILE = "strategy-state.npz"
@@ -46,6 +46,7 @@ class ReplayStrategy(Strategy):
         self.traffic = RoundTraffic()
         self.partitions = NodePartitions()
         self.last_train_metrics: MetricRecord | None = None
+        self.privacy_required = False  # set by the server when a client-side DP runs
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -99,6 +100,7 @@ class ReplayStrategy(Strategy):
         nodes, _ = sample_nodes(grid, self.min_available_nodes, size)
         extra = self.extra_arrays()
         rnd = server_round + self.round_offset
+        nodes = admitted(self, list(nodes), rnd)
         messages = [self._message(n, rnd, config, extra) for n in nodes]
         self.traffic = RoundTraffic.for_messages(messages)
         return messages
@@ -148,6 +150,7 @@ class ReplayStrategy(Strategy):
         try:
             arrays = wire.from_arrayrecord(reply.content[wire.ARRAYS_KEY])
             metrics = reply.content[wire.METRICS_KEY]
+            self.traffic.note_privacy(str(node), pid, metrics, self.privacy_required)
             update, payload = self.parse(arrays, metrics)
             self.traffic.payload_bytes_up[str(node)] = int(payload)
             n = float(metrics[wire.NUM_EXAMPLES_KEY]) if self.weighting == "examples" else 1.0
