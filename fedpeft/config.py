@@ -10,6 +10,7 @@ model has loaded. The same overrides string drives ``fedpeft simulate`` and
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
@@ -264,7 +265,7 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
         overrides=overrides,
     )
     check_compatibility(cfg)
-    return cfg
+    return dataclasses.replace(cfg, privacy=build_privacy(cfg.privacy).resolve(cfg.run))
 
 
 def _privacy(raw: dict[str, Any] | None) -> Any:

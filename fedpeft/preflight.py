@@ -52,7 +52,18 @@ class PreflightReport:
             sizes = self.partition_sizes
             parts.append(f"{self.num_clients} clients, {sum(sizes)} training examples, "
                          f"partition sizes {min(sizes)}..{max(sizes)}")
+        if self.cfg.privacy.name != "none":
+            parts.append(privacy_line(self.cfg.privacy))
         return "; ".join(parts)
+
+
+def privacy_line(cfg: object) -> str:
+    """The privacy mechanism and the σ it will use (chosen for ``target_epsilon`` if set)."""
+    sigma = getattr(cfg, "noise_multiplier", None)
+    target = getattr(cfg, "target_epsilon", None)
+    why = f" (chosen for target epsilon {target})" if target is not None else ""
+    shown = f"{sigma:.4g}" if isinstance(sigma, float) else "set per client"
+    return f"privacy {cfg.name}: noise multiplier {shown}{why}, delta {cfg.delta:g}"
 
 
 def preflight(overrides: str | Sequence[str] | None = None, config_dir: str | Path | None = None,

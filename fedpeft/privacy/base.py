@@ -67,6 +67,11 @@ class PrivacyMechanism(ABC):
                 f"privacy={self.name} cannot protect method={method.name}: it "
                 f"{self._needs()}, and {method.name} {_describe(method)}. {self.remedy}".strip())
 
+    def resolve(self, run: Any) -> Any:
+        """This mechanism's config with anything derived from the run filled in (e.g. σ
+        for a target ε over ``run.num_rounds``); the default changes nothing."""
+        return self.cfg
+
     def _needs(self) -> str:
         if self.first_order:
             return "clips per-example gradients of local gradient steps"

@@ -15,6 +15,7 @@ of the federation, sampled or not.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedpeft.errors import ConfigError, IncompatibleComponentsError
-from fedpeft.privacy.accounting import PrivacyEvent
+from fedpeft.privacy.accounting import PrivacyEvent, noise_for_target
 from fedpeft.privacy.base import PRIVACY, BudgetConfig, PrivacyMechanism
 
 # Strategies whose aggregate is the (equal-weight) mean of the updates, possibly followed
@@ -39,9 +40,13 @@ class ClientDPConfig(BudgetConfig):
     clip: float = 1.0
     noise_multiplier: float = 1.0
     sample_rate: float = 0.5
+    target_epsilon: float | None = None  # set: σ is chosen to reach it after all rounds
 
     def validate(self) -> None:
-        """C > 0, σ >= 0, q in (0, 1], plus δ and the budget."""
+        """C > 0, σ >= 0, q in (0, 1], a positive target, plus δ and the budget."""
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ConfigError(f"privacy.target_epsilon must be > 0 (or null), found "
+                              f"{self.target_epsilon!r}")
         if not self.clip > 0:
             raise ConfigError(f"privacy.clip must be > 0, found {self.clip!r}")
         if not self.noise_multiplier >= 0:
@@ -76,6 +81,17 @@ class ClientLevelDP(PrivacyMechanism):
                 "needs the equal-weight mean of clipped updates, and this strategy weights "
                 "or selects updates by their values. Strategies that fit: "
                 + ", ".join(MEAN_STRATEGIES))
+
+
+    def resolve(self, run: Any) -> ClientDPConfig:
+        """With ``target_epsilon``: σ from Opacus's search for q and ``run.num_rounds``
+        rounds (RDP, the conservative accountant), replacing ``noise_multiplier``."""
+        cfg = self.cfg
+        if cfg.target_epsilon is None:
+            return cfg
+        sigma = noise_for_target(cfg.target_epsilon, cfg.delta, cfg.sample_rate,
+                                 run.num_rounds, "rdp")
+        return dataclasses.replace(cfg, noise_multiplier=sigma)
 
 
 def secure_rng() -> np.random.Generator:

@@ -146,3 +146,17 @@ def test_sample_level_budget_leaves_out_only_the_exhausted_clients(tmp_path) -> 
     book.mechanism.level = "sample"  # the book's rule for client-side mechanisms
     book.record_round(1, {"7": PrivacyEvent(1.0, 0.5, 2), "8": PrivacyEvent(1.0, 0.01, 2)})
     assert book.admit([7, 8, 9], lambda n: n, 2) == [8, 9]  # 9 never reported: no cost yet
+
+
+def test_target_epsilon_chooses_sigma_for_the_planned_rounds_and_validate_shows_it() -> None:
+    from fedpeft.preflight import privacy_line
+    from fedpeft.privacy.accounting import PrivacyLedger
+
+    cfg = compose("privacy=client privacy.target_epsilon=3 privacy.sample_rate=0.25 "
+                  "run.num_rounds=10")
+    ledger = PrivacyLedger()
+    for rnd in range(1, 11):
+        ledger.record("clients", cfg.privacy.event(), rnd)
+    assert 2.9 < ledger.epsilon("clients", 1e-5) <= 3.0
+    assert cfg.privacy.noise_multiplier != 1.0  # replaced, not the YAML default
+    assert "(chosen for target epsilon 3.0)" in privacy_line(cfg.privacy)
