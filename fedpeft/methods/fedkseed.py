@@ -33,6 +33,7 @@ from fedpeft.data import collate
 from fedpeft.errors import ConfigError
 from fedpeft.methods.base import METHODS, TrainContext
 from fedpeft.methods.replay import ReplayMethod, check_trainable
+from fedpeft.privacy.dpzo import DPZOConfig, dpzo_train, result_metrics, sequence_losses
 from fedpeft.seeding import derive_seed, perturb_
 from fedpeft.types import SeedUpdate, TrainResult
 
@@ -168,8 +169,7 @@ def zo_train(
     acc: dict[int, float] = {}
     losses, skipped = [], 0
     for step in range(cfg.local_steps):
-        k = int(rng.choice(len(seeds), p=probs)) if probs is not None else int(
-            rng.integers(len(seeds)))
+        k = _pick_seed(rng, len(seeds), probs)
         g = _two_point(params, seeds[k], functools.partial(loss_fn, step), cfg.eps, losses)
         if g is None:
             skipped += 1
@@ -225,7 +225,10 @@ class FedKSeedMethod(ReplayMethod):
                 self.replay(model, idx, vals)
 
     def train(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext) -> TrainResult:
-        """tau ZO steps on batches drawn with a per-(round, client) seed."""
+        """tau ZO steps on batches drawn with a per-(round, client) seed (DP-ZO steps when
+        ``ctx.privacy`` is a :class:`DPZOConfig`)."""
+        if isinstance(ctx.privacy, DPZOConfig):
+            return self._train_private(model, examples, ctx, ctx.privacy)
         rng = np.random.default_rng([ctx.seed, ctx.server_round, ctx.partition_id])
         size = min(self.cfg.batch_size, len(examples))
         batches = [collate([examples[i] for i in rng.choice(len(examples), size, replace=False)],
@@ -238,3 +241,37 @@ class FedKSeedMethod(ReplayMethod):
                    "train_time_s": time.perf_counter() - t0, "skipped_steps": res.skipped}
         return TrainResult(update=SeedUpdate(res.indices, res.values),
                            num_examples=len(examples), metrics=metrics)
+
+    def _train_private(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext,
+                       dp: DPZOConfig) -> TrainResult:
+        """tau DP-ZO steps (``fedpeft.privacy.dpzo``); seed choice as in :meth:`train`.
+        No ``train_loss`` is reported: it would be an unnoised function of the data."""
+        rng = np.random.default_rng([ctx.seed, ctx.server_round, ctx.partition_id])
+        probs = ctx.extra.get("probs") if self.cfg.pro else None
+        t0 = time.perf_counter()
+        res = dpzo_train(self.params(model), _batch_losses(model, examples, ctx.pad_token_id),
+                         len(examples), self._seeds, functools.partial(
+                             _pick_seed, rng, len(self._seeds), probs), self.cfg, dp, rng)
+        metrics = {"train_time_s": time.perf_counter() - t0, "skipped_steps": 0,
+                   **result_metrics(res, dp)}
+        return TrainResult(update=SeedUpdate(res.indices, res.values),
+                           num_examples=len(examples), metrics=metrics)
+
+
+def _pick_seed(rng: np.random.Generator, k: int, probs: np.ndarray | None) -> int:
+    """One step's seed index: uniform, or with FedKSeed-Pro probabilities."""
+    return int(rng.choice(k, p=probs)) if probs is not None else int(rng.integers(k))
+
+
+def _batch_losses(model: nn.Module, examples: Sequence[Any],
+                  pad_token_id: int) -> Callable[[np.ndarray], torch.Tensor]:
+    """Per-sequence losses of the examples at given indices: one forward for the batch
+    (labels are kept out of the forward so the model does not compute the mean loss)."""
+
+    def losses(idx: np.ndarray) -> torch.Tensor:
+        batch = collate([examples[int(i)] for i in idx], pad_token_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits  # placed models move inputs to their device
+        return sequence_losses(logits, labels.to(logits.device))
+
+    return losses
