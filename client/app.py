@@ -72,6 +72,7 @@ def _train(msg: Message, context: Context) -> Message:
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
         extra=extra,
         privacy=cfg.privacy if cfg.privacy.name != "none" else None,
+        num_rounds=cfg.run.num_rounds,
     )
     result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
     if getattr(cfg.privacy, "name", "none") == "client":

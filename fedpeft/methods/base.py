@@ -38,6 +38,7 @@ class TrainContext:
     proximal_mu: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)  # method-specific inputs
     privacy: Any = None  # the client-side privacy mechanism's config (None: not private)
+    num_rounds: int = 0  # planned rounds (for a privacy target over the whole run)
 
 
 class ClientMethod(ABC):

@@ -33,7 +33,14 @@ from fedpeft.data import collate
 from fedpeft.errors import ConfigError
 from fedpeft.methods.base import METHODS, TrainContext
 from fedpeft.methods.replay import ReplayMethod, check_trainable
-from fedpeft.privacy.dpzo import DPZOConfig, dpzo_train, result_metrics, sequence_losses
+from fedpeft.privacy.base import with_target_sigma
+from fedpeft.privacy.dpzo import (
+    DPZOConfig,
+    dpzo_train,
+    result_metrics,
+    sample_rate,
+    sequence_losses,
+)
 from fedpeft.seeding import derive_seed, perturb_
 from fedpeft.types import SeedUpdate, TrainResult
 
@@ -248,6 +255,8 @@ class FedKSeedMethod(ReplayMethod):
         No ``train_loss`` is reported: it would be an unnoised function of the data."""
         rng = np.random.default_rng([ctx.seed, ctx.server_round, ctx.partition_id])
         probs = ctx.extra.get("probs") if self.cfg.pro else None
+        q = 1.0 if dp.sampling == "seeded" else sample_rate(self.cfg.batch_size, len(examples))
+        dp = with_target_sigma(dp, q, self.cfg.local_steps * ctx.num_rounds)
         t0 = time.perf_counter()
         res = dpzo_train(self.params(model), _batch_losses(model, examples, ctx.pad_token_id),
                          len(examples), self._seeds, functools.partial(

@@ -10,6 +10,8 @@ composes per client across rounds.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from abc import ABC
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -87,6 +89,28 @@ def _describe(method: type) -> str:
     if not _first_order(method):
         return f"takes zeroth-order steps (no per-example gradients; update kind {kind!r})"
     return f"sends {kind!r} updates"
+
+
+def with_target_sigma(cfg: Any, sample_rate: float, total_steps: int) -> Any:
+    """``cfg`` with σ chosen for its ``target_epsilon`` (sample-level mechanisms, on the
+    client, which alone knows its q): Opacus's search over ``total_steps`` steps at rate q,
+    i.e. the client's ε reaches the target if it takes part in every planned round.
+    Without a target ``cfg`` is returned unchanged."""
+    target = getattr(cfg, "target_epsilon", None)
+    if target is None:
+        return cfg
+    if total_steps < 1:
+        raise ConfigError(f"privacy.target_epsilon needs the planned number of steps, "
+                          f"found {total_steps} (run.num_rounds x method.local_steps)")
+    sigma = _sigma_for(float(target), float(cfg.delta), float(sample_rate), int(total_steps))
+    return dataclasses.replace(cfg, noise_multiplier=sigma)
+
+
+@functools.lru_cache(maxsize=256)
+def _sigma_for(target: float, delta: float, sample_rate: float, steps: int) -> float:
+    from fedpeft.privacy.accounting import noise_for_target  # imports Opacus
+
+    return noise_for_target(target, delta, sample_rate, steps, "rdp")
 
 
 def build_privacy(cfg: Any) -> PrivacyMechanism:

@@ -206,3 +206,19 @@ def test_dpzo_composes_with_fedkseed_and_rejects_dense_methods() -> None:
 def test_bad_values_name_their_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"privacy.{key}"):
         compose(f"method=fedkseed strategy=fedkseed privacy=dpzo privacy.{key}={value}")
+
+
+def test_target_epsilon_picks_sigma_for_this_client_over_the_planned_steps() -> None:
+    from fedpeft.privacy.accounting import PrivacyLedger
+    from fedpeft.privacy.base import with_target_sigma
+
+    cfg = DPZOConfig(target_epsilon=2.0, noise_multiplier=1.0)
+    tuned = with_target_sigma(cfg, 0.05, 40)
+    assert tuned.noise_multiplier > 1.0 and with_target_sigma(DPZOConfig(), 0.05, 40) == \
+        DPZOConfig()
+    ledger = PrivacyLedger()
+    for rnd in range(4):
+        ledger.record("0", PrivacyEvent(tuned.noise_multiplier, 0.05, 10), rnd)
+    assert 1.9 < ledger.epsilon("0", cfg.delta) <= 2.0
+    with pytest.raises(ConfigError, match="planned number of steps"):
+        with_target_sigma(cfg, 0.05, 0)
