@@ -303,4 +303,5 @@ def check_compatibility(cfg: FedPeftConfig) -> None:
     kind = getattr(method, "update_kind", "dense")
     for check in _STRATEGY_CHECKS:
         check(cfg.strategy.name, dict(cfg.strategy.params), kind)
-    build_privacy(cfg.privacy).check(method, cfg.strategy.name, dict(cfg.strategy.params))
+    build_privacy(cfg.privacy).check(method, cfg.strategy.name, dict(cfg.strategy.params),
+                                     cfg.method)

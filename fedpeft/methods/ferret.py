@@ -40,6 +40,7 @@ from torch import nn
 from fedpeft.errors import ConfigError
 from fedpeft.methods.base import METHODS, TrainContext, draw_batch, seeded_training
 from fedpeft.methods.replay import ReplayMethod, check_trainable
+from fedpeft.privacy.dpsgd import DPSGDConfig, private_steps
 from fedpeft.seeding import (
     add_truncated_,
     derive_seed,
@@ -264,7 +265,15 @@ class FerretMethod(ReplayMethod):
         params = self.params(model)
         start = torch.cat([p.detach().reshape(-1).float() for p in params.values()])
         t0 = time.perf_counter()
-        losses = self._sgd(model, list(params.values()), examples, ctx)
+        if isinstance(ctx.privacy, DPSGDConfig):
+            with seeded_training(model, ctx):
+                dp = private_steps(model, list(params.values()), examples,
+                                   steps=self.cfg.local_steps, batch_size=self.cfg.batch_size,
+                                   make_optimizer=self._optimizer, cfg=ctx.privacy,
+                                   pad_token_id=ctx.pad_token_id, num_rounds=ctx.num_rounds)
+            losses: list[float] = []
+        else:
+            dp, losses = {}, self._sgd(model, list(params.values()), examples, ctx)
         t1 = time.perf_counter()
         delta = start - torch.cat([p.detach().reshape(-1).float() for p in params.values()])
         seed = client_seed(ctx.seed, ctx.server_round, ctx.partition_id)
@@ -273,15 +282,19 @@ class FerretMethod(ReplayMethod):
         counts = allocate(norms, self.cfg.num_bases, self.cfg.min_bases)
         gammas = project(delta, self.layout, seed, counts)
         finite = [x for x in losses if math.isfinite(x)]
-        metrics = {"train_loss": float(np.mean(finite)) if finite else float("nan"),
-                   "train_time_s": t1 - t0, "project_time_s": time.perf_counter() - t1,
-                   "delta_norm": float(delta.norm())}
+        metrics = {"train_time_s": t1 - t0, "project_time_s": time.perf_counter() - t1,
+                   "delta_norm": float(delta.norm()), **dp}  # Δ is private: post-processing
+        if not dp:  # the training loss is an unnoised function of the data
+            metrics["train_loss"] = float(np.mean(finite)) if finite else float("nan")
         return TrainResult(update=ProjectedUpdate(seed, counts, gammas),
                            num_examples=len(examples), metrics=metrics)
 
+    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.cfg.lr)
+
     def _sgd(self, model: nn.Module, params: list[torch.Tensor], examples: Sequence[Any],
              ctx: TrainContext) -> list[float]:
-        opt = torch.optim.SGD(params, lr=self.cfg.lr)
+        opt = self._optimizer(params)
         losses = []
         with seeded_training(model, ctx) as gen:
             for _ in range(self.cfg.local_steps):

@@ -29,6 +29,7 @@ from torch import nn
 from fedpeft.data import Encoded
 from fedpeft.errors import ConfigError
 from fedpeft.methods.base import METHODS, ClientMethod, TrainContext, draw_batch, seeded_training
+from fedpeft.privacy.dpsgd import DPSGDConfig, private_steps
 from fedpeft.types import ArrayDict, DenseUpdate, TrainResult
 
 _DEFAULT_ADAPTER: dict[str, Any] = {
@@ -142,21 +143,35 @@ class LoraMethod(ClientMethod):
         """``local_steps`` AdamW steps on batches drawn with a per-(round, client) seed."""
         if not examples:
             raise ConfigError(f"partition {ctx.partition_id} has no training examples")
-        start = self.get_state(model)
+        start, t0 = self.get_state(model), time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
-        anchor = [p.detach().clone() for p in params] if ctx.proximal_mu > 0 else None
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        t0, losses = time.perf_counter(), []
         with seeded_training(model, ctx) as gen:
-            for _ in range(self.cfg.local_steps):
-                batch = draw_batch(gen, examples, self.cfg.batch_size, ctx.pad_token_id)
-                losses.append(self._step(model, opt, params, batch, anchor, ctx.proximal_mu))
+            if isinstance(ctx.privacy, DPSGDConfig):
+                metrics = private_steps(
+                    model, params, examples, steps=self.cfg.local_steps,
+                    batch_size=self.cfg.batch_size, make_optimizer=self._optimizer,
+                    cfg=ctx.privacy, pad_token_id=ctx.pad_token_id, num_rounds=ctx.num_rounds)
+            else:
+                metrics = self._steps(model, params, examples, ctx, gen)
         end = self.get_state(model)
         update = DenseUpdate({k: end[k] - start[k] for k in start})
-        finite = [x for x in losses if math.isfinite(x)]
-        metrics = {"train_loss": float(np.mean(finite)) if finite else float("nan"),
-                   "train_time_s": time.perf_counter() - t0}
+        metrics["train_time_s"] = time.perf_counter() - t0
         return TrainResult(update=update, num_examples=len(examples), metrics=metrics)
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _steps(self, model: nn.Module, params: list[nn.Parameter],
+               examples: Sequence[Encoded], ctx: TrainContext,
+               gen: np.random.Generator) -> dict[str, float]:
+        """The non-private local round; returns the mean finite training loss."""
+        anchor = [p.detach().clone() for p in params] if ctx.proximal_mu > 0 else None
+        opt, losses = self._optimizer(params), []
+        for _ in range(self.cfg.local_steps):
+            batch = draw_batch(gen, examples, self.cfg.batch_size, ctx.pad_token_id)
+            losses.append(self._step(model, opt, params, batch, anchor, ctx.proximal_mu))
+        finite = [x for x in losses if math.isfinite(x)]
+        return {"train_loss": float(np.mean(finite)) if finite else float("nan")}
 
     def _step(
         self,

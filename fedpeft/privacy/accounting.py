@@ -56,10 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedpeft.errors import ConfigError
 
@@ -194,6 +190,9 @@ def _merge(events: Iterable[PrivacyEvent]) -> History:
 @lru_cache(maxsize=1024)
 def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     """RDP of one step at RDPAccountant's default orders (Opacus multiplies it by steps)."""
+    from opacus.accountants import RDPAccountant  # Opacus imports in ~1-4 s: only when used
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
                                     orders=RDPAccountant.DEFAULT_ALPHAS)
 
@@ -205,6 +204,9 @@ def _rdp(history: History, delta: float) -> float:
     the per-step RDP of each (sigma, q) cached: Opacus recomputes it (~10-80 ms at q ≳ 0.01)
     for every entry of every history.
     """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = sum([_rdp_per_step(sigma, q) * steps for sigma, q, steps in history])
     eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp,
                                             delta=delta)
@@ -213,6 +215,11 @@ def _rdp(history: History, delta: float) -> float:
 
 def _prv_grid_points(history: History, delta: float) -> float:
     """Points of the grid PRVAccountant would discretise on (mirrors its ``_get_domain``)."""
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
+
     delta_error = delta / 1000  # PRVAccountant.get_epsilon's default
     steps = [n for _, _, n in history]
     prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
@@ -231,6 +238,8 @@ def _quiet_numpy() -> Iterator[None]:
 
 def _prv(history: History, delta: float) -> float:
     """PRV ε of ``history`` (Opacus's upper error bound)."""
+    from opacus.accountants import PRVAccountant
+
     accountant = PRVAccountant()
     accountant.history = list(history)
     with _quiet_numpy():
@@ -457,6 +466,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def _search_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                   accountant: str) -> float:
     """Opacus's bisection for sigma; its 'budget too low' ValueError becomes a ConfigError."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         with _quiet_numpy():
             return float(get_noise_multiplier(

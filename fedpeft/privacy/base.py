@@ -60,9 +60,10 @@ class PrivacyMechanism(ABC):
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
-    def check(self, method: type, strategy: str, params: dict[str, Any]) -> None:
-        """Fail, saying why, when this mechanism cannot protect ``method`` under
-        ``strategy`` (override to add strategy-specific rules)."""
+    def check(self, method: type, strategy: str, params: dict[str, Any],
+              method_cfg: Any = None) -> None:
+        """Fail, saying why, when this mechanism cannot protect ``method`` (configured by
+        ``method_cfg``) under ``strategy`` (override to add more rules)."""
         kind = getattr(method, "update_kind", "dense")
         if kind not in self.update_kinds or (self.first_order and not _first_order(method)):
             raise IncompatibleComponentsError(

@@ -73,8 +73,9 @@ class ClientLevelDP(PrivacyMechanism):
     remedy = ("Seed-based methods send scalars per seed or basis, not a clippable tensor "
               "update: use privacy=dpzo (fedkseed) or privacy=dpsgd (ferret).")
 
-    def check(self, method: type, strategy: str, params: dict[str, Any]) -> None:
-        super().check(method, strategy, params)
+    def check(self, method: type, strategy: str, params: dict[str, Any],
+              method_cfg: Any = None) -> None:
+        super().check(method, strategy, params, method_cfg)
         if strategy not in MEAN_STRATEGIES:
             raise IncompatibleComponentsError(
                 f"privacy=client cannot run with strategy={strategy}: its sensitivity bound "

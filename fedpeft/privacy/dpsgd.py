@@ -42,17 +42,16 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from fedpeft.data import Encoded, collate
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, IncompatibleComponentsError
+from fedpeft.privacy.base import PRIVACY, BudgetConfig, PrivacyMechanism, with_target_sigma
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 # Attributes Opacus leaves on parameters and modules; removed after every call.
@@ -60,19 +59,21 @@ _PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad
                 "_norm_sample")
 _MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad",
                  "autograd_grad_sample_hooks")
-Hooks = GradSampleHooks  # GradSampleHooksFastGradientClipping subclasses it
+if TYPE_CHECKING:  # Opacus takes ~4 s to import: only the training functions load it
+    from opacus.grad_sample import GradSampleHooks as Hooks
+    from opacus.optimizers import DPOptimizer
 
 
 @dataclass(frozen=True)
-class DPSGDConfig:
-    """Options of ``privacy=dpsgd``. Exactly one of ``noise_multiplier`` (sigma) and
-    ``target_epsilon`` is set; the caller turns a target ε into sigma before training."""
+class DPSGDConfig(BudgetConfig):
+    """Options of ``privacy=dpsgd``. With ``target_epsilon`` set, each client replaces
+    ``noise_multiplier`` by the sigma that reaches it over the planned rounds at its own q
+    (:func:`~fedpeft.privacy.base.with_target_sigma`)."""
 
     name: str = "dpsgd"
     clip: float = 1.0  # C: per-example L2 clipping norm
     noise_multiplier: float | None = 1.0  # sigma: noise std is sigma·C on the summed gradient
     target_epsilon: float | None = None  # ε to reach over the planned steps (δ below)
-    delta: float = 1e-5
     grad_sample_mode: str = "hooks"  # hooks: per-example grads; ghost: ghost clipping
 
     def validate(self) -> None:
@@ -81,16 +82,13 @@ class DPSGDConfig:
             raise ConfigError.unknown("privacy.grad_sample_mode", self.grad_sample_mode,
                                       GRAD_SAMPLE_MODES)
         _positive("privacy.clip", self.clip)
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError(
-                "set exactly one of privacy.noise_multiplier and privacy.target_epsilon, "
-                f"found noise_multiplier={self.noise_multiplier}, target_epsilon="
-                f"{self.target_epsilon} (use privacy.noise_multiplier=null with a target)")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigError("set privacy.noise_multiplier or privacy.target_epsilon, "
+                              "found neither")
         for key in ("noise_multiplier", "target_epsilon"):
             if getattr(self, key) is not None:
                 _positive(f"privacy.{key}", getattr(self, key))
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"privacy.delta must be in (0, 1), found {self.delta!r}")
+        self.check_budget("privacy")
 
 
 def _positive(key: str, value: object) -> None:
@@ -248,6 +246,8 @@ def _attached(model: nn.Module, params: list[nn.Parameter], ghost: bool,
 
 
 def _make_hooks(model: nn.Module, ghost: bool, clip: float) -> Hooks:
+    from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
+
     _check_supported(model, ghost)
     try:
         if ghost:
@@ -288,6 +288,8 @@ def _check_supported(model: nn.Module, ghost: bool) -> None:
 def _unsupported(model: nn.Module, exc: Exception) -> ConfigError:
     """Name the trainable layers Opacus handles by functorch (no dedicated per-example
     rule): the likely culprits when computing per-example gradients fails."""
+    from opacus.grad_sample import GradSampleHooks
+
     fallback = sorted({f"{n} ({type(m).__name__})" for pairs in _owners(model).values()
                        for n, m in pairs if type(m) not in GradSampleHooks.GRAD_SAMPLERS})
     return ConfigError(f"Opacus failed to compute per-example gradients ({exc}); layers "
@@ -309,6 +311,8 @@ def _strip(model: nn.Module) -> None:
 
 def _dp_optimizer(opt: torch.optim.Optimizer, ghost: bool, clip: float, sigma: float,
                   expected_batch: float, generator: torch.Generator) -> DPOptimizer:
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
     cls = DPOptimizerFastGradientClipping if ghost else DPOptimizer
     return cls(opt, noise_multiplier=sigma, max_grad_norm=clip, secure_mode=True,
                expected_batch_size=expected_batch, loss_reduction="mean", generator=generator)
@@ -318,6 +322,9 @@ def _backward(model: nn.Module, hooks: Hooks, opt: DPOptimizer,
               batch: dict[str, torch.Tensor], params: list[nn.Parameter]) -> float:
     """Per-example gradients (hooks) or clipped summed gradients (ghost) of one batch;
     a non-finite loss turns the step into a noise-only one."""
+    from opacus.grad_sample import GradSampleHooksFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
     ghost = isinstance(hooks, GradSampleHooksFastGradientClipping)
     try:
         with warnings.catch_warnings():
@@ -368,3 +375,65 @@ def _reset_hooks(model: nn.Module) -> None:
     for p in model.parameters():
         if hasattr(p, "_forward_counter"):
             p._forward_counter = 0
+
+
+def private_steps(model: nn.Module, params: Sequence[nn.Parameter],
+                  examples: Sequence[Encoded], *, steps: int, batch_size: int,
+                  make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+                  cfg: DPSGDConfig, pad_token_id: int, num_rounds: int) -> dict[str, float]:
+    """A method's local round under DP-SGD: sigma for this client's q (from the target ε
+    over ``num_rounds`` rounds if one is set), noise from a CSPRNG-seeded generator, and
+    the reply metrics that report the privacy event. No training loss is reported: it is
+    an unnoised function of the private data."""
+    from fedpeft.privacy.accounting import PrivacyEvent, event_metrics
+
+    params = list(params)
+    cfg = with_target_sigma(cfg, sample_rate(batch_size, len(examples)), steps * num_rounds)
+    res = dp_sgd_train(model, params, examples, steps=steps, batch_size=batch_size,
+                       make_optimizer=make_optimizer, cfg=cfg, pad_token_id=pad_token_id,
+                       generator=secure_generator(params[0].device))
+    event = PrivacyEvent(res.noise_multiplier, res.sample_rate, res.steps)
+    return {**event_metrics(event), "dp_empty_steps": float(res.empty_steps)}
+
+
+# Adapters Opacus cannot give per-example gradients (found by trying, Opacus 1.6/peft 0.21).
+_NO_PER_EXAMPLE = {
+    "ia3": "IA3 keeps its vectors in a ParameterDict, so Opacus's per-example hooks never fire",
+    "dora": "DoRA's magnitude layer breaks Opacus's per-example (functorch) fallback",
+}
+
+
+@PRIVACY.register("dpsgd")
+class DPSGD(PrivacyMechanism):
+    """Sample-level DP-SGD on each client (see module docstring).
+
+    Paper: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016,
+    arXiv 1607.00133.
+    """
+
+    name = "dpsgd"
+    config_cls = DPSGDConfig
+    level = "sample"
+    first_order = True
+    remedy = ("Zeroth-order methods (fedkseed) have no per-example gradients: use "
+              "privacy=dpzo.")
+
+    def check(self, method: type, strategy: str, params: dict[str, Any],
+              method_cfg: Any = None) -> None:
+        """First-order methods only; adapters Opacus cannot differentiate per example and
+        FedProx's proximal term (not part of the private gradient) are refused."""
+        super().check(method, strategy, params, method_cfg)
+        adapter = dict(getattr(method_cfg, "adapter", None) or {})
+        kind = str(adapter.get("peft_type", "lora")).lower()
+        if kind in _NO_PER_EXAMPLE or adapter.get("use_dora"):
+            why = _NO_PER_EXAMPLE.get(kind, _NO_PER_EXAMPLE["dora"])
+            raise IncompatibleComponentsError(
+                f"privacy=dpsgd cannot protect method={method.name} with "
+                f"method.adapter.peft_type={kind}"
+                f"{' (use_dora)' if adapter.get('use_dora') else ''}: it {self._needs()}, "
+                f"and {why}. Use peft_type=lora (tested with Opacus)")
+        if strategy == "fedprox" or params.get("proximal_mu"):
+            raise IncompatibleComponentsError(
+                "privacy=dpsgd cannot run with strategy=fedprox: its proximal term would "
+                "be added outside the clipped per-example gradients; use fedavg (or a "
+                "server optimiser: fedadam, fedyogi, fedadagrad, fedavgm)")

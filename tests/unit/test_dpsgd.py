@@ -324,8 +324,8 @@ def test_unsupported_layers_fail_clearly_and_leave_the_model_clean(setup_of,
 @pytest.mark.parametrize(("override", "match"), [
     ({"grad_sample_mode": "fast"}, r"grad_sample_mode 'fast'.*ghost, hooks"),
     ({"clip": 0.0}, r"privacy.clip must be .*> 0, found 0.0"),
-    ({"noise_multiplier": None}, r"exactly one of"),
-    ({"target_epsilon": 3.0}, r"exactly one of.*noise_multiplier=null"),
+    ({"noise_multiplier": None}, r"set privacy.noise_multiplier or privacy.target_epsilon"),
+    ({"max_epsilon": 0.0}, r"privacy.max_epsilon must be > 0"),
     ({"noise_multiplier": -1.0}, r"privacy.noise_multiplier must be"),
     ({"noise_multiplier": None, "target_epsilon": float("inf")}, r"target_epsilon must"),
     ({"delta": 1.0}, r"privacy.delta must be in \(0, 1\), found 1.0"),
@@ -363,3 +363,38 @@ def test_a_non_finite_loss_becomes_a_noise_only_step(lora, mode, monkeypatch) ->
     assert (result.steps, result.empty_steps) == (2, 0)
     assert torch.isfinite(_flat(lora.weights())).all()
     assert _opacus_leftovers(lora.model) == []
+
+
+@pytest.mark.parametrize("method_name", ["lora", "ferret"])
+def test_methods_train_privately_and_report_the_event_not_the_loss(method_name: str) -> None:
+    from fedpeft.methods import TrainContext
+    from fedpeft.privacy.accounting import event_from_metrics
+
+    strategy = "ferret" if method_name == "ferret" else "fedavg"
+    extra = " method.trainable=self_attn method.num_bases=64" if method_name == "ferret" else ""
+    cfg = compose(f"method={method_name} strategy={strategy} model=tiny-llama privacy=dpsgd "
+                  f"privacy.target_epsilon=4 data.max_examples=200 data.test_size=16 "
+                  f"method.local_steps=3 method.batch_size=2{extra}")
+    method = build_method(cfg.method.name, cfg.method)
+    model = build_model(method, cfg.model, seed=0)
+    tok, data = get_tokenizer(cfg.model), load_task_data(cfg.data)
+    examples = encode_dataset(data.train.select(range(20)), tok, data.label_names, cfg.data)
+    start = method.get_state(model)
+    ctx = TrainContext(1, 0, 0, tok.pad_token_id, privacy=cfg.privacy, num_rounds=5)
+    result = method.train(model, examples, ctx)
+    event = event_from_metrics(result.metrics)
+    assert event is not None and event.sample_rate == 0.1 and event.steps == 3
+    assert event.noise_multiplier > 0 and event.noise_multiplier != 1.0  # from the target
+    assert "train_loss" not in result.metrics
+    end = method.get_state(model)
+    assert any(not np.array_equal(start[k], end[k]) for k in start)
+
+
+def test_adapters_opacus_cannot_handle_are_refused_at_validation() -> None:
+    from fedpeft.errors import IncompatibleComponentsError
+
+    for method in ("dora", "ia3"):
+        with pytest.raises(IncompatibleComponentsError, match=f"peft_type={method}"):
+            compose(f"method={method} privacy=dpsgd")
+    with pytest.raises(IncompatibleComponentsError, match="strategy=fedprox"):
+        compose("privacy=dpsgd strategy=fedprox")
