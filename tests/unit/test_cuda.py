@@ -11,7 +11,7 @@ import torch
 from fedpeft.config import compose
 from fedpeft.data import encode_dataset, load_task_data
 from fedpeft.evaluation import evaluate
-from fedpeft.methods import METHODS, TrainContext, build_method, build_model
+from fedpeft.methods import TrainContext, build_method, build_model
 from fedpeft.models import get_tokenizer, model_device, resolve_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,7 +32,7 @@ def test_auto_is_cuda_here() -> None:
     assert resolve_device("auto").type == "cuda"
 
 
-@pytest.mark.parametrize("method_name", METHODS.names())
+@pytest.mark.parametrize("method_name", ["lora", "dora", "ia3", "fedkseed", "ferret"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_every_method_trains_on_the_gpu_and_ships_cpu_float32(method_name: str,
                                                               dtype: str) -> None:
