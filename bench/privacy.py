@@ -10,7 +10,8 @@ Parts (``--parts``, all by default):
   accuracy and loss after ``--rounds`` rounds, and the worst client's reported ε.
 - ``client``: ``privacy=client`` with ``--clients`` simulated clients (Poisson rate
   ``--client-rate``) at each target, and without privacy.
-- ``dpzo``: FedKSeed with ``privacy=dpzo`` at one target, and without privacy.
+- ``dpzo``: FedKSeed (tuning the q_proj weights) with ``privacy=dpzo`` at the last
+  target, and without privacy.
 
 Every number comes from the runs this script starts; results go to
 ``bench/results/privacy.json`` (``--out``), with the exact overrides of each run.
@@ -67,6 +68,8 @@ def run(overrides: list[str], out: Path, tag: str) -> dict:
     t0 = time.perf_counter()
     code = cli.main(["simulate", *overrides, f"run.output_dir={out}", f"run.run_id={run_id}",
                      "--app", str(ROOT)])
+    if code == 130:  # interrupted (Ctrl-C, SIGTERM): stop the sweep, keep what is written
+        raise SystemExit(130)
     records = RunDir(out / run_id).records()
     last = records[-1] if records else {}
     privacy = last.get("privacy") or {}
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
             ["privacy=client", f"privacy.sample_rate={args.client_rate}"], args.eps, runs,
             "client"),
         "dpzo": lambda: sweep(
-            [*common, "method=fedkseed", "strategy=fedkseed", "method.local_steps=50",
-             "method.num_seeds=1024"], ["privacy=dpzo"], [args.eps[-1]], runs, "dpzo"),
+            [*common, "method=fedkseed", "strategy=fedkseed", "method.local_steps=20",
+             "method.num_seeds=1024", "method.trainable=q_proj", "method.batch_size=4",
+             "method.lr=1e-5"], ["privacy=dpzo"], [args.eps[-1]], runs, "dpzo"),
     }
     for part in args.parts:
         report["parts"][part] = jobs[part]()

@@ -61,9 +61,12 @@ def privacy_line(cfg: object) -> str:
     """The privacy mechanism and the σ it will use (chosen for ``target_epsilon`` if set)."""
     sigma = getattr(cfg, "noise_multiplier", None)
     target = getattr(cfg, "target_epsilon", None)
-    why = f" (chosen for target epsilon {target})" if target is not None else ""
-    shown = f"{sigma:.4g}" if isinstance(sigma, float) else "set per client"
-    return f"privacy {cfg.name}: noise multiplier {shown}{why}, delta {cfg.delta:g}"
+    if target is not None and cfg.name != "client":  # sample level: each client's own q
+        shown = f"chosen by each client for target epsilon {target} over the planned rounds"
+    else:
+        why = f" (chosen for target epsilon {target})" if target is not None else ""
+        shown = f"{sigma:.4g}{why}"
+    return f"privacy {cfg.name}: noise multiplier {shown}, delta {cfg.delta:g}"
 
 
 def preflight(overrides: str | Sequence[str] | None = None, config_dir: str | Path | None = None,
