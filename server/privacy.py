@@ -48,14 +48,19 @@ class PrivacyBook:
             return {}
         for key, event in sorted(events.items()):
             self.ledger.record(key, event, rnd)
-        self.save()
-        return self.round_summary()
-
-    def round_summary(self) -> dict[str, Any]:
-        """Worst ε over clients (RDP and PRV), the worst client, and how many are tracked."""
         rdp = self.rdp_by_client()
-        worst_key = max(rdp, key=lambda k: rdp[k]) if rdp else None
         prv = worst_prv(self.ledger, rdp, self.delta)
+        self.save(rdp, prv)
+        return self.round_summary(rdp, prv)
+
+    def round_summary(self, rdp: dict[str, float] | None = None,
+                      prv: tuple[str, float] | None = None) -> dict[str, Any]:
+        """Worst ε over clients (RDP and PRV), the worst client, and how many are tracked
+        (from ``rdp``/``prv`` when the caller has just computed them)."""
+        if rdp is None:
+            rdp = self.rdp_by_client()
+            prv = worst_prv(self.ledger, rdp, self.delta)
+        worst_key = max(rdp, key=lambda k: rdp[k]) if rdp else None
         return {"mechanism": self.mechanism.name, "level": self.mechanism.level,
                 "delta": self.delta, "clients": len(rdp), "worst_client": worst_key,
                 "epsilon_rdp": _json_eps(rdp[worst_key]) if worst_key else 0.0,
@@ -99,10 +104,8 @@ class PrivacyBook:
         known = key in self.ledger.keys()  # noqa: SIM118 (a method)
         return self.ledger.events(key)[-1] if known else None
 
-    def save(self) -> None:
+    def save(self, rdp: dict[str, float], prv: tuple[str, float] | None) -> None:
         """Events, per-client RDP ε and the worst PRV ε, in one atomically replaced file."""
-        rdp = self.rdp_by_client()
-        prv = worst_prv(self.ledger, rdp, self.delta)
         doc = {**self.ledger.to_dict(), "mechanism": self.mechanism.name,
                "level": self.mechanism.level, "delta": self.delta,
                "epsilon_rdp": {k: _json_eps(v) for k, v in sorted(rdp.items())},
