@@ -20,6 +20,8 @@ from flwr.common.constant import ErrorCode
 
 from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
+from fedpeft.compression import build_compressor
+from fedpeft.compression.base import residual_update
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition_rows
 from fedpeft.errors import ConfigError
@@ -77,9 +79,30 @@ def _train(msg: Message, context: Context) -> Message:
     result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
     if getattr(cfg.privacy, "name", "none") == "client":
         result = _clip_update(result, cfg.privacy.clip)
-    content = wire.reply_content(wire.encode_update(result.update), result.num_examples,
+    content = wire.reply_content(_encode(result, cfg, context), result.num_examples,
                                  result.metrics, partition_id=pid)
     return Message(content=content, reply_to=msg)
+
+
+RESIDUAL_KEY = "compression-residual"
+
+
+def _encode(result: TrainResult, cfg: FedPeftConfig, context: Context) -> Any:
+    """The reply's arrays: the update as is, or the configured codec's blob. With error
+    feedback the residual (what the codec dropped, added back next round) lives in this
+    node's ``context.state``, which Flower keeps across rounds in simulation and on
+    SuperNodes."""
+    if cfg.compression.name == "identity" or not isinstance(result.update, DenseUpdate):
+        return wire.encode_update(result.update)
+    codec = build_compressor(cfg.compression)
+    ef = cfg.compression.error_feedback
+    deltas = residual_update(result.update.deltas,
+                             wire.load_arrays(context.state, RESIDUAL_KEY) if ef else None)
+    blob = codec.encode(deltas)
+    if ef:
+        sent = codec.decode(blob, {k: v.shape for k, v in deltas.items()})
+        wire.store_arrays(context.state, RESIDUAL_KEY, {k: deltas[k] - sent[k] for k in sent})
+    return wire.encode_compressed(blob)
 
 
 def _clip_update(result: TrainResult, bound: float) -> TrainResult:

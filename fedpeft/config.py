@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import schema
+from fedpeft.compression import COMPRESSORS
+from fedpeft.compression.base import CompressionConfig, build_compressor, check_update_kind
 from fedpeft.data import DataConfig
 from fedpeft.errors import ConfigError
 from fedpeft.methods import METHODS
@@ -169,10 +171,11 @@ class FedPeftConfig:
     eval: EvalConfig
     sim: SimConfig = field(default_factory=SimConfig)
     privacy: Any = field(default_factory=NoPrivacyConfig)
+    compression: Any = field(default_factory=CompressionConfig)
     overrides: tuple[str, ...] = ()
 
 
-_TOP = {"model", "data", "method", "strategy", "privacy", "run", "eval", "sim"}
+_TOP = {"model", "data", "method", "strategy", "privacy", "compression", "run", "eval", "sim"}
 
 
 def default_config_dir() -> Path:
@@ -209,7 +212,7 @@ def _add_or_set(override: str) -> str:
     return f"++{override}" if _DOTTED.match(override) else override
 
 
-_GROUPS = ("model", "data", "method", "strategy", "privacy")
+_GROUPS = ("model", "data", "method", "strategy", "privacy", "compression")
 
 
 def _check_override_key(override: str) -> None:
@@ -262,6 +265,7 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
         eval=schema.build(EvalConfig, raw.get("eval"), "eval"),
         sim=schema.build(SimConfig, raw.get("sim"), "sim"),
         privacy=_privacy(raw.get("privacy")),
+        compression=_compression(raw.get("compression")),
         overrides=overrides,
     )
     check_compatibility(cfg)
@@ -273,6 +277,13 @@ def _privacy(raw: dict[str, Any] | None) -> Any:
     data = dict(raw or {"name": "none"})
     cls = PRIVACY.get(_component_name(data, "privacy", PRIVACY.names())).config_cls
     return schema.build(cls, data, "privacy")
+
+
+def _compression(raw: dict[str, Any] | None) -> Any:
+    """The codec's config (``compression: identity`` when the tree has none)."""
+    data = dict(raw or {"name": "identity"})
+    cls = COMPRESSORS.get(_component_name(data, "compression", COMPRESSORS.names())).config_cls
+    return schema.build(cls, data, "compression")
 
 
 def _strategy(raw: dict[str, Any]) -> StrategyConfig:
@@ -305,3 +316,5 @@ def check_compatibility(cfg: FedPeftConfig) -> None:
         check(cfg.strategy.name, dict(cfg.strategy.params), kind)
     build_privacy(cfg.privacy).check(method, cfg.strategy.name, dict(cfg.strategy.params),
                                      cfg.method)
+    check_update_kind(cfg.compression, method)
+    build_compressor(cfg.compression)

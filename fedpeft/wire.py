@@ -11,7 +11,7 @@ record dict, records, arrays, array chunks), so they include Flower's own framin
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -54,6 +54,42 @@ def encode_update(update: DenseUpdate | SeedUpdate | ProjectedUpdate) -> ArrayRe
                                PROJ_COUNTS_KEY: compact_counts(update.counts),
                                PROJ_GAMMA_KEY: update.gammas.astype(np.float32)})
     return to_arrayrecord(update.deltas)
+
+
+COMPRESSED_KEY = "compressed"
+Decoder = Callable[[memoryview, Mapping[str, tuple[int, ...]]], dict[str, np.ndarray]]
+
+
+def encode_compressed(blob: bytes) -> ArrayRecord:
+    """Wire form of a compressed update: one ``uint8`` array holding the codec's blob."""
+    return to_arrayrecord({COMPRESSED_KEY: np.frombuffer(blob, np.uint8)})
+
+
+def decode_compressed(
+    record: ArrayRecord, decoder: Decoder, reference: ArrayDict, *, max_abs: float = 1e6
+) -> DenseUpdate:
+    """Decode a compressed reply with ``decoder`` (the configured codec) against the
+    global state's names and shapes, then check it like a dense update."""
+    names = list(record.keys())
+    if names != [COMPRESSED_KEY] or record[COMPRESSED_KEY].dtype != "uint8":
+        raise UpdateRejected(f"compression is on: expected one uint8 array "
+                             f"{COMPRESSED_KEY!r}, found {names[:3]}")
+    blob = memoryview(record[COMPRESSED_KEY].numpy().reshape(-1))
+    deltas = decoder(blob, {k: tuple(v.shape) for k, v in reference.items()})
+    for name, delta in deltas.items():
+        _check_tensor(name, delta, reference[name], max_abs)
+    return DenseUpdate(deltas)
+
+
+def load_arrays(state: RecordDict, key: str) -> dict[str, np.ndarray] | None:
+    """Arrays a node kept in its Flower ``context.state`` under ``key`` (None if none)."""
+    record = state.array_records.get(key)
+    return from_arrayrecord(record) if record is not None else None
+
+
+def store_arrays(state: RecordDict, key: str, arrays: ArrayDict) -> None:
+    """Keep ``arrays`` in a node's ``context.state`` (persists across rounds)."""
+    state[key] = to_arrayrecord(arrays)
 
 
 def decode_update(
@@ -133,5 +169,6 @@ def content_bytes(content: RecordDict) -> int:
 
 
 def payload_bytes(record: ArrayRecord) -> int:
-    """Raw array bytes in ``record`` (numpy buffers, no framing)."""
-    return int(sum(len(record[name].data) for name in record))
+    """Bytes of the values in ``record``: the arrays' buffers, without the npy headers
+    Flower adds or any other framing (``message_bytes`` counts everything)."""
+    return int(sum(record[name].numpy().nbytes for name in record))

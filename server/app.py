@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import wire
+from fedpeft.compression import build_compressor
 from fedpeft.config import FedPeftConfig, load_components
 from fedpeft.errors import BudgetExhausted, RunFailed
 from fedpeft.preflight import preflight
@@ -79,6 +80,8 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
             strategy.round_offset = start_round
     if STRATEGIES.get(cfg.strategy.name).wrap:
         strategy = DecodingStrategy(strategy, round_offset=start_round, name=cfg.strategy.name)
+    if cfg.compression.name != "identity":
+        strategy.compressor = build_compressor(cfg.compression)
     strategy.privacy_required = state.privacy.mechanism.level == "sample"
     if state.privacy.mechanism.level == "client":
         strategy.enable_client_dp(cfg.privacy)

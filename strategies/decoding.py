@@ -156,6 +156,7 @@ class DecodingStrategy(Strategy):
         self.last_train_metrics: MetricRecord | None = None
         self.privacy_required = False  # set by the server when a client-side DP runs
         self.client_dp: Any = None  # ClientDPConfig when the run is private at client level
+        self.compressor: Any = None  # the codec clients encode with (None: plain arrays)
         self._expected = 0.0
         self._global: dict = {}
 
@@ -225,7 +226,7 @@ class DecodingStrategy(Strategy):
             arrays, metrics = _split_reply(reply.content)
             self.traffic.note_privacy(node, pid, metrics, self.privacy_required)
             self.traffic.payload_bytes_up[node] = wire.payload_bytes(arrays)
-            update = wire.decode_update(arrays, self._global, max_abs=self.max_abs)
+            update = self._update(arrays)
         except UpdateRejected as exc:
             self.traffic.reject(rnd, node, pid, str(exc))
             return None
@@ -234,6 +235,13 @@ class DecodingStrategy(Strategy):
             {wire.ARRAYS_KEY: wire.to_arrayrecord(full), wire.METRICS_KEY: metrics}
         )
         return reply
+
+    def _update(self, arrays: ArrayRecord) -> Any:
+        """The reply's dense update: decompressed with the run's codec when one is set."""
+        if self.compressor is None:
+            return wire.decode_update(arrays, self._global, max_abs=self.max_abs)
+        return wire.decode_compressed(arrays, self.compressor.decode, self._global,
+                                      max_abs=self.max_abs)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

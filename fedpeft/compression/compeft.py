@@ -1,0 +1,102 @@
+"""ComPEFT: keep the global top-k entries of the update by magnitude, send only their
+signs and one scale, and entropy-code the positions.
+
+Paper: Yadav et al., "ComPEFT: Compression for Communicating Parameter Efficient Updates
+via Sparsification and Quantization", arXiv 2311.13171.
+
+τ is the flat update (all tensors, name order); σ = std(τ) before pruning; the
+ceil(density·n) entries of largest |τ| (non-zero ones only) become α·σ·sign(τ), every
+other entry 0 (:func:`ternarize`). Body: scale (float32), k (uint64), Rice parameter b
+(uint8), one sign bit per kept entry, then the Rice code of the gaps between kept
+positions (:mod:`fedpeft.compression.bits`, b chosen for the fewest bits).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedpeft.compression import bits
+from fedpeft.compression.base import (
+    COMPRESSORS,
+    CompressionConfig,
+    Compressor,
+    check_density,
+    need,
+)
+from fedpeft.errors import ConfigError, UpdateRejected
+
+_BODY = struct.Struct("<fQB")  # scale, kept entries, Rice parameter
+
+
+@dataclass(frozen=True)
+class ComPEFTConfig(CompressionConfig):
+    """``density``: fraction of entries kept; ``alpha``: scale multiplier of σ."""
+
+    name: str = "compeft"
+    density: float = 0.1
+    alpha: float = 1.0
+
+    def validate(self) -> None:
+        check_density(self.density, "compression.density")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"compression.alpha must be a finite number > 0, found "
+                             f"{self.alpha!r}")
+
+
+def top_k(flat: np.ndarray, density: float) -> np.ndarray:
+    """Sorted positions of the ceil(density·n) largest |values|, non-zero ones only."""
+    k = min(math.ceil(density * flat.size), int(np.count_nonzero(flat)))
+    if k == 0:
+        return np.zeros(0, np.int64)
+    mag = np.abs(flat)
+    return np.sort(np.argpartition(-mag, k - 1)[:k]).astype(np.int64)
+
+
+def ternarize(flat: np.ndarray, density: float, alpha: float) -> tuple[np.ndarray, float]:
+    """(kept positions, scale α·σ): the ternary update is scale·sign(τ) there, 0
+    elsewhere. When σ is 0 but entries are kept (a constant or one-value update), σ is
+    replaced by their mean |τ|, so such an update is not silently erased."""
+    pos = top_k(flat, density)
+    sigma = float(np.std(flat, dtype=np.float64)) if flat.size else 0.0
+    if sigma == 0 and pos.size:
+        sigma = float(np.abs(flat[pos]).mean(dtype=np.float64))
+    return pos, float(np.float32(alpha * sigma))
+
+
+@COMPRESSORS.register("compeft")
+class ComPEFT(Compressor):
+    """Ternary top-k with entropy-coded positions; see the module docstring."""
+
+    name = "compeft"
+    config_cls = ComPEFTConfig
+    codec_id = 1
+
+    def encode_flat(self, flat: np.ndarray) -> bytes:
+        pos, scale = ternarize(flat, self.cfg.density, self.cfg.alpha)
+        gaps = bits.gaps_of(pos)
+        b = bits.best_b(gaps)
+        signs = np.packbits(flat[pos] < 0).tobytes()
+        low, unary = bits.encode(gaps, b)
+        return _BODY.pack(scale, pos.size, b) + signs + low + unary
+
+    def decode_flat(self, body: memoryview, n: int) -> np.ndarray:
+        if len(body) < _BODY.size:
+            raise UpdateRejected("compressed update: compeft body is truncated")
+        scale, k, b = _BODY.unpack_from(body)
+        if k > n or b > bits.MAX_B or not math.isfinite(scale):
+            raise UpdateRejected(f"compressed update: {k} kept of {n}, Rice b={b}, "
+                                 f"scale {scale} are out of range")
+        signs_end = _BODY.size + (k + 7) // 8
+        low_end = signs_end + bits.low_bytes(k, b)
+        need(body[:low_end], low_end, f"signs and positions of {k} entries")
+        pos = bits.positions_of(bits.decode(body[signs_end:low_end], body[low_end:], k, b))
+        if k and pos[-1] >= n:
+            raise UpdateRejected(f"compressed update: position {pos[-1]} is past {n} values")
+        signs = np.unpackbits(np.frombuffer(body[_BODY.size:signs_end], np.uint8))[:k]
+        out = np.zeros(n, np.float32)
+        out[pos] = np.where(signs == 1, -np.float32(scale), np.float32(scale))
+        return out
