@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from runs import simulate  # bench/runs.py (the script's own directory is on sys.path)
 
-from fedpeft import cli
 from fedpeft.config import compose
 from fedpeft.data import encode_dataset, load_task_data
 from fedpeft.methods import TrainContext, build_method, build_model
 from fedpeft.models import get_tokenizer
-from fedpeft.reporting import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,30 +61,12 @@ def step_time(args: argparse.Namespace) -> dict:
     return out
 
 
-def run(overrides: list[str], out: Path, tag: str) -> dict:
-    """One ``fedpeft simulate`` run; its final quality and reported ε."""
-    run_id = f"{tag}-{int(time.time())}"
-    t0 = time.perf_counter()
-    code = cli.main(["simulate", *overrides, f"run.output_dir={out}", f"run.run_id={run_id}",
-                     "--app", str(ROOT)])
-    if code == 130:  # interrupted (Ctrl-C, SIGTERM): stop the sweep, keep what is written
-        raise SystemExit(130)
-    records = RunDir(out / run_id).records()
-    last = records[-1] if records else {}
-    privacy = last.get("privacy") or {}
-    return {"overrides": overrides, "exit": code, "seconds": time.perf_counter() - t0,
-            "rounds": last.get("round"), "eval_accuracy": last.get("eval_accuracy"),
-            "eval_loss": last.get("eval_loss"), "epsilon_rdp": privacy.get("epsilon_rdp"),
-            "epsilon_prv": privacy.get("epsilon_prv"),
-            "status": RunDir(out / run_id).status().get("state")}
-
-
 def sweep(base: list[str], private: list[str], eps: list[float], out: Path,
           tag: str) -> list[dict]:
     """Without privacy, then at each target ε."""
-    rows = [{"target_epsilon": None, **run(base, out, f"{tag}-none")}]
+    rows = [{"target_epsilon": None, **simulate(base, out, f"{tag}-none")}]
     for e in eps:
-        rows.append({"target_epsilon": e, **run([*base, *private,
+        rows.append({"target_epsilon": e, **simulate([*base, *private,
                                                  f"privacy.target_epsilon={e}"],
                                                 out, f"{tag}-{e:g}")})
     return rows

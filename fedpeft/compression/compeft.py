@@ -6,9 +6,9 @@ via Sparsification and Quantization", arXiv 2311.13171.
 
 τ is the flat update (all tensors, name order); σ = std(τ) before pruning; the
 ceil(density·n) entries of largest |τ| (non-zero ones only) become α·σ·sign(τ), every
-other entry 0 (:func:`ternarize`). Body: scale (float32), k (uint64), Rice parameter b
-(uint8), one sign bit per kept entry, then the Rice code of the gaps between kept
-positions (:mod:`fedpeft.compression.bits`, b chosen for the fewest bits).
+other entry 0 (:func:`ternarize`). Body: scale (float32), k (uint64), one Rice parameter
+byte per 128 gaps, one sign bit per kept entry, then the adaptive Rice code of the gaps
+between kept positions (:mod:`fedpeft.compression.bits`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fedpeft.compression.base import (
 )
 from fedpeft.errors import ConfigError, UpdateRejected
 
-_BODY = struct.Struct("<fQB")  # scale, kept entries, Rice parameter
+_BODY = struct.Struct("<fQ")  # scale, kept entries
 
 
 @dataclass(frozen=True)
@@ -78,25 +78,37 @@ class ComPEFT(Compressor):
     def encode_flat(self, flat: np.ndarray) -> bytes:
         pos, scale = ternarize(flat, self.cfg.density, self.cfg.alpha)
         gaps = bits.gaps_of(pos)
-        b = bits.best_b(gaps)
+        bs = bits.chunk_bs(gaps)
         signs = np.packbits(flat[pos] < 0).tobytes()
-        low, unary = bits.encode(gaps, b)
-        return _BODY.pack(scale, pos.size, b) + signs + low + unary
+        low, unary = bits.encode(gaps, bits.widths(bs, gaps.size))
+        return _BODY.pack(scale, pos.size) + bs.tobytes() + signs + low + unary
 
     def decode_flat(self, body: memoryview, n: int) -> np.ndarray:
         if len(body) < _BODY.size:
             raise UpdateRejected("compressed update: compeft body is truncated")
-        scale, k, b = _BODY.unpack_from(body)
-        if k > n or b > bits.MAX_B or not math.isfinite(scale):
-            raise UpdateRejected(f"compressed update: {k} kept of {n}, Rice b={b}, "
-                                 f"scale {scale} are out of range")
-        signs_end = _BODY.size + (k + 7) // 8
-        low_end = signs_end + bits.low_bytes(k, b)
-        need(body[:low_end], low_end, f"signs and positions of {k} entries")
-        pos = bits.positions_of(bits.decode(body[signs_end:low_end], body[low_end:], k, b))
+        scale, k = _BODY.unpack_from(body)
+        if k > n or not math.isfinite(scale):
+            raise UpdateRejected(f"compressed update: {k} kept of {n}, scale {scale} are "
+                                 "out of range")
+        pos, signs = _positions_and_signs(body[_BODY.size:], k)
         if k and pos[-1] >= n:
             raise UpdateRejected(f"compressed update: position {pos[-1]} is past {n} values")
-        signs = np.unpackbits(np.frombuffer(body[_BODY.size:signs_end], np.uint8))[:k]
         out = np.zeros(n, np.float32)
         out[pos] = np.where(signs == 1, -np.float32(scale), np.float32(scale))
         return out
+
+
+def _positions_and_signs(body: memoryview, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kept positions and sign bits from what follows the scale and count."""
+    nchunks = -(-k // bits.CHUNK)
+    need(body[:nchunks], nchunks, f"Rice parameters of {k} entries")
+    bs = np.frombuffer(body[:nchunks], np.uint8)
+    if (bs > bits.MAX_B).any():
+        raise UpdateRejected(f"compressed update: Rice parameter above {bits.MAX_B}")
+    b = bits.widths(bs, k)
+    signs_end = nchunks + (k + 7) // 8
+    low_end = signs_end + bits.low_bytes(b)
+    need(body[:low_end], low_end, f"signs and positions of {k} entries")
+    pos = bits.positions_of(bits.decode(body[signs_end:low_end], body[low_end:], b))
+    signs = np.unpackbits(np.frombuffer(body[nchunks:signs_end], np.uint8))[:k]
+    return pos, signs
