@@ -152,6 +152,32 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
+class ScreenConfig:
+    """Server-side screening of replies that are well-formed but out of proportion.
+
+    The decoder already refuses malformed updates (names, shapes, NaN/Inf, ``max_abs``);
+    a finite, well-shaped update scaled up a hundredfold passes it, and a mean strategy
+    follows it. ``norm_k`` rejects any update whose L2 norm (over all its delta tensors)
+    exceeds ``norm_k`` times the median norm of the round's decoded updates (only with
+    at least 3 of them, else there is no meaningful median); ``max_reply_bytes`` rejects
+    a reply whose serialized size exceeds it. ``None`` turns either off (the default).
+    """
+
+    norm_k: float | None = None
+    max_reply_bytes: int | None = None
+
+    def validate(self) -> None:
+        if self.norm_k is not None and not self.norm_k > 1:
+            raise ConfigError(
+                f"screen.norm_k must be > 1 (a multiple of the round's median update norm; "
+                f"null turns the norm screen off), found {self.norm_k!r}")
+        if self.max_reply_bytes is not None and not self.max_reply_bytes > 0:
+            raise ConfigError(
+                f"screen.max_reply_bytes must be > 0 (bytes of one serialized reply; null "
+                f"turns the cap off), found {self.max_reply_bytes!r}")
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """``name`` picks a registered strategy; ``params`` are its keyword arguments."""
 
@@ -172,10 +198,12 @@ class FedPeftConfig:
     sim: SimConfig = field(default_factory=SimConfig)
     privacy: Any = field(default_factory=NoPrivacyConfig)
     compression: Any = field(default_factory=CompressionConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
     overrides: tuple[str, ...] = ()
 
 
-_TOP = {"model", "data", "method", "strategy", "privacy", "compression", "run", "eval", "sim"}
+_TOP = {"model", "data", "method", "strategy", "privacy", "compression", "run", "eval", "sim",
+        "screen"}
 
 
 def default_config_dir() -> Path:
@@ -266,6 +294,7 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
         sim=schema.build(SimConfig, raw.get("sim"), "sim"),
         privacy=_privacy(raw.get("privacy")),
         compression=_compression(raw.get("compression")),
+        screen=schema.build(ScreenConfig, raw.get("screen"), "screen"),
         overrides=overrides,
     )
     check_compatibility(cfg)

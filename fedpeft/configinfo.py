@@ -17,6 +17,7 @@ from fedpeft.config import (
     COMPONENT_PACKAGES,
     EvalConfig,
     RunConfig,
+    ScreenConfig,
     SimConfig,
     default_config_dir,
     load_components,
@@ -28,7 +29,7 @@ from fedpeft.models import ModelConfig
 from fedpeft.privacy import PRIVACY
 
 _PLAIN = {"model": ModelConfig, "data": DataConfig, "run": RunConfig, "eval": EvalConfig,
-          "sim": SimConfig}
+          "sim": SimConfig, "screen": ScreenConfig}
 _COMPONENTS = ("model", "data", "method", "strategy", "privacy")
 
 
@@ -41,7 +42,7 @@ def groups_text() -> str:
     """Overview: groups with their choices, top-level keys, the ``name:`` rule."""
     lines = ["Config groups (choose with group=<name>; set keys with group.key=value):"]
     lines += [f"  {g}: {', '.join(yaml_names(g))}" for g in _COMPONENTS]
-    lines += ["Run-level keys: run.*, eval.*, sim.*",
+    lines += ["Run-level keys: run.*, eval.*, sim.*, screen.*",
               "Every component YAML (configs/<group>/<name>.yaml) must contain `name:`, the",
               "registered component it configures. List a group's keys with",
               "`fedpeft config show <group>` (groups: "

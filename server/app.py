@@ -79,7 +79,8 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
             strategy.load(state.checkpoint)
             strategy.round_offset = start_round
     if STRATEGIES.get(cfg.strategy.name).wrap:
-        strategy = DecodingStrategy(strategy, round_offset=start_round, name=cfg.strategy.name)
+        strategy = DecodingStrategy(strategy, round_offset=start_round, name=cfg.strategy.name,
+                                    screen=cfg.screen)
     if cfg.compression.name != "identity":
         strategy.compressor = build_compressor(cfg.compression)
     strategy.privacy_required = state.privacy.mechanism.level == "sample"

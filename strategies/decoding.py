@@ -6,7 +6,8 @@ optimisers among them (FedAdam, FedYogi, ...) derive their pseudo-gradient from 
 difference to the current global arrays. This wrapper therefore, per reply:
 validates it (tensor names, shapes, dtype, finiteness, magnitude, ``num-examples``),
 rejects a bad reply with a logged reason instead of crashing the round, rebuilds
-``global + delta`` and hands the well-formed replies to the wrapped strategy. It also
+``global + delta``, screens outsized replies and updates when configured
+(``strategies.screening``) and hands the rest to the wrapped strategy. It also
 measures the exact serialized bytes of every message sent and received, and records who
 was left out of each round: every rejected reply and every update a robust strategy
 dropped (``strategies.exclusions``), with round, node and partition id.
@@ -27,11 +28,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft import wire
+from fedpeft.config import ScreenConfig
 from fedpeft.errors import ConfigError, UpdateRejected
 from fedpeft.privacy.accounting import PrivacyEvent, event_from_metrics
 from fedpeft.privacy.client import LEDGER_KEY
 from fedpeft.types import Exclusion
-from strategies import client_dp, exclusions
+from strategies import client_dp, exclusions, screening
 
 log = logging.getLogger("fedpeft.strategy")
 REJECTED_BY = "decoder"  # ``by`` of replies refused before aggregation
@@ -143,11 +145,13 @@ class DecodingStrategy(Strategy):
     """Wraps a Flower strategy; see module docstring. ``round_offset`` shifts the round
     number sent to clients (``config['round']``) when a run resumes from a checkpoint;
     ``name`` is the strategy's name in exclusion records (default: the class name,
-    lower-cased, which is also its registry name for Flower's strategies)."""
+    lower-cased, which is also its registry name for Flower's strategies); ``screen``
+    rejects outsized replies and updates (``strategies.screening``; default: off)."""
 
     def __init__(self, inner: Strategy, *, round_offset: int = 0, max_abs: float = 1e6,
-                 name: str | None = None):
+                 name: str | None = None, screen: ScreenConfig | None = None):
         self.inner = inner
+        self.screen = screen or ScreenConfig()
         self.name = name or type(inner).__name__.lower()
         self.partitions = NodePartitions()
         self.round_offset = round_offset
@@ -189,6 +193,8 @@ class DecodingStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
         decoded = [m for m in (self._decode(r, rnd) for r in replies) if m is not None]
+        decoded = screening.screen_norms(decoded, self._global, self.screen.norm_k,
+                                         functools.partial(self._reject, rnd), rnd)
         self.traffic.accepted = len(decoded)
         if self.client_dp is not None:
             self.traffic.privacy[LEDGER_KEY] = self.client_dp.event()
@@ -208,6 +214,10 @@ class DecodingStrategy(Strategy):
             self._record_exclusions(rnd, decoded, reasons)
         return arrays, metrics
 
+    def _reject(self, rnd: int, reply: Message, reason: str) -> None:
+        node = str(reply.metadata.src_node_id)
+        self.traffic.reject(rnd, node, self.partitions.get(node), reason)
+
     def _record_exclusions(self, rnd: int, decoded: list[Message],
                            reasons: list[str | None]) -> None:
         for reply, reason in zip(decoded, reasons, strict=True):
@@ -225,6 +235,7 @@ class DecodingStrategy(Strategy):
         try:
             arrays, metrics = _split_reply(reply.content)
             self.traffic.note_privacy(node, pid, metrics, self.privacy_required)
+            screening.check_size(self.traffic.bytes_up[node], self.screen.max_reply_bytes)
             self.traffic.payload_bytes_up[node] = wire.payload_bytes(arrays)
             update = self._update(arrays)
         except UpdateRejected as exc:
