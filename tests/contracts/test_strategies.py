@@ -15,6 +15,7 @@ from fedpeft.config import compose
 from fedpeft.methods import METHODS
 from strategies import STRATEGIES, build_strategy
 from strategies.decoding import DecodingStrategy
+from strategies.sign_consensus import SignConsensus
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "strategy"
 OPTIMIZERS = {"fedadam", "fedyogi", "fedadagrad", "qfedavg", "fedavgm"}
@@ -51,7 +52,7 @@ def _as_if_configured(inner: object, glob: dict) -> None:
     """Set the round state ``configure_train`` would set (it needs a live grid)."""
     if isinstance(inner, FedOpt):
         inner.current_arrays = {k: v.copy() for k, v in glob.items()}
-    elif isinstance(inner, (QFedAvg, FedAvgM)):
+    elif isinstance(inner, (QFedAvg, FedAvgM, SignConsensus)):
         inner.current_arrays = wire.to_arrayrecord(glob)
 
 
