@@ -5,7 +5,10 @@ node counts) and prints the composed tree; ``fedpeft doctor`` reports what could
 run hang or attach to the wrong server; ``fedpeft simulate [overrides...]`` runs the
 same preflight, then a real local SuperLink + simulation engine of its own
 (:mod:`fedpeft.launch`), stops every process it started, and exits 0 only when the run's
-``status.json`` says ``completed`` (``flwr run`` can exit 0 when the run failed).
+``status.json`` says ``completed`` (``flwr run`` can exit 0 when the run failed), and
+writes the run's report (:mod:`fedpeft.report`); ``fedpeft simulate --multirun`` runs
+every point of a Hydra sweep grid (:mod:`fedpeft.sweep`) in turn and compares them in one
+report; ``fedpeft report RUN_DIR...`` plots existing runs.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a Flower simulation on a private SuperLink")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=fedadam")
     sim.add_argument("--app", default=".", help="Flower app directory (default: .)")
+    sim.add_argument("-m", "--multirun", action="store_true",
+                     help="run every point of a Hydra sweep (a=1,2 b=x,y: 4 runs) in turn, "
+                          "then write one comparison report")
+    rep = sub.add_parser("report", help="plot runs' metrics into one self-contained HTML file")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs/<run-id> directories")
+    rep.add_argument("--out", default=None,
+                     help="output folder (default: RUN_DIR/report for one run, "
+                          "<parent>/compare-<hash> for several)")
+    rep.add_argument("--title", default=None, help="the report's title")
     val = sub.add_parser("validate", help="preflight a config and print it",
                          description=_groups_help(), formatter_class=_Raw)
     val.add_argument("overrides", nargs="*")
@@ -100,7 +112,16 @@ def _doctor(_args: argparse.Namespace) -> int:
     return 1 if any(f.level == "problem" for f in findings) else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedpeft.report import write_report
+
+    print(write_report(args.runs, args.out, args.title))
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
+    if args.multirun:
+        return multirun(args.overrides, Path(args.app))
     return simulate(args.overrides, Path(args.app))
 
 
@@ -123,6 +144,7 @@ def simulate(overrides: list[str], app: Path) -> int:
     run.set_status("starting", pid=os.getpid())  # a resumed run's old status is not ours
     code, reason = _launch(app, full, cfg, run)
     status = settle_status(run, code, reason)
+    _report_run(run, status)
     if status.get("state") != "completed":
         print(f"fedpeft: error: run {run.path.name} {status.get('state')}: "
               f"{status.get('error', status)}", file=sys.stderr)
@@ -130,6 +152,78 @@ def simulate(overrides: list[str], app: Path) -> int:
     stopped = f" early ({status['stopped']})" if status.get("stopped") else ""
     print(f"fedpeft: run completed{stopped}; metrics in {run.metrics_path}")
     return 0
+
+
+def _report_run(run: RunDir, status: dict) -> None:
+    """Write the run's report. Interrupted runs are not plotted: the user asked to stop."""
+    if status.get("state") != "interrupted" and run.records():
+        path = _try_report([run.path])
+        if path:
+            print(f"fedpeft: report in {path}")
+
+
+def _try_report(dirs: list[Path], out: Path | None = None, title: str | None = None
+                ) -> Path | None:
+    """:func:`fedpeft.report.write_report`, any failure turned into a warning: a run's
+    result and exit code never depend on its plots."""
+    try:
+        from fedpeft.report import write_report
+
+        return write_report(dirs, out, title)
+    except Exception as exc:  # any plotting problem: the runs' results stand
+        print(f"fedpeft: warning: could not write the report of {', '.join(d.name for d in dirs)}"
+              f": {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def multirun(overrides: list[str], app: Path) -> int:
+    """Run each point of the sweep grid as a normal simulate (run id
+    ``<sweep-id>-<i>``), then write one comparison report; nonzero if any point failed."""
+    from fedpeft.sweep import check_grid, expand_grid
+
+    grid = expand_grid(overrides)
+    configs = check_grid(grid)
+    sweep_id = configs[0].run.run_id or datetime.now(timezone.utc).strftime(
+        "%Y%m%d-%H%M%S-sweep")
+    print(f"fedpeft: sweep {sweep_id}: {len(grid)} runs", file=sys.stderr)
+    codes = _run_points(grid, app, sweep_id)
+    dirs = [Path(cfg.run.output_dir).expanduser().resolve() / f"{sweep_id}-{i}"
+            for i, cfg in enumerate(configs[:len(codes)])]
+    _compare(dirs, dirs[0].parent / f"{sweep_id}-report", sweep_id)
+    failed = [d.name for d, code in zip(dirs, codes, strict=True) if code]
+    if failed:
+        print(f"fedpeft: error: sweep {sweep_id}: {len(failed)} of {len(grid)} runs did not "
+              f"complete: {', '.join(failed)}", file=sys.stderr)
+    return 130 if 130 in codes else (1 if failed else 0)
+
+
+def _run_points(grid: list[list[str]], app: Path, sweep_id: str) -> list[int]:
+    """Simulate each point in turn (stopping after an interrupted one); exit codes."""
+    from fedpeft.sweep import point_label
+
+    codes = []
+    for i, point in enumerate(grid):
+        print(f"fedpeft: sweep run {i + 1}/{len(grid)} ({sweep_id}-{i}): "
+              f"{point_label(grid, point)}", file=sys.stderr)
+        try:
+            codes.append(simulate([*point, f"run.run_id={sweep_id}-{i}"], app))
+        except FedPeftError as exc:
+            print(f"fedpeft: error: {exc}", file=sys.stderr)
+            codes.append(2)
+        if codes[-1] == 130:
+            break
+    return codes
+
+
+def _compare(dirs: list[Path], out: Path, sweep_id: str) -> None:
+    """The comparison report over the sweep's runs that wrote metrics."""
+    with_metrics = [d for d in dirs if (d / "metrics.jsonl").is_file()]
+    path = _try_report(with_metrics, out, f"fedpeft sweep {sweep_id}") if with_metrics else None
+    if path:
+        print(f"fedpeft: sweep report in {path}")
+    elif not with_metrics:
+        print(f"fedpeft: warning: sweep {sweep_id}: no run wrote metrics, so no report",
+              file=sys.stderr)
 
 
 def _launch(app: Path, overrides: list[str], cfg: object,
@@ -156,7 +250,7 @@ def _launch(app: Path, overrides: list[str], cfg: object,
 
 
 _COMMANDS = {"simulate": _simulate, "validate": _validate, "config": _config_show,
-             "doctor": _doctor}
+             "doctor": _doctor, "report": _report}
 
 
 if __name__ == "__main__":
