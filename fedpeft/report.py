@@ -304,6 +304,7 @@ def summary_row(run: RunData) -> dict[str, str]:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .6em}
 th{background:#f3f3f3}td{text-align:right}td:first-child,td:nth-child(2){text-align:left}
+td:first-child{white-space:nowrap}
 img{max-width:100%}.note{color:#666;font-style:italic}.error{color:#a00}"""
 
 
