@@ -255,6 +255,7 @@ def draw(plot: Plot, lines: Sequence[Line]) -> bytes:
     ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel)
     if plot.x is None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)  # 10.745, not 0.005 + 1.074e1
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize="small")
     buf = io.BytesIO()
