@@ -18,6 +18,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from client.downlink import global_arrays
 from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
 from fedpeft.compression import build_compressor
@@ -60,11 +61,16 @@ def _train(msg: Message, context: Context) -> Message:
     pid, nparts = _partition_ids(context.node_config)
     method, model = _runtime(cfg)
     extra: dict = {}
+    extra_metrics: dict = {}
     if getattr(method, "replays", False):
         extra = sync_node(method, model, msg, cfg.model, context.run_id, context.node_id,
                           base_path(cfg.model, _runtime_key(cfg)))
     else:
-        method.set_state(model, wire.from_arrayrecord(msg.content[wire.ARRAYS_KEY]))
+        arrays, held = global_arrays(msg.content, build_compressor(cfg.compression),
+                                     context.state)
+        method.set_state(model, arrays)
+        if held is not None:  # the round of the model this node now holds
+            extra_metrics[wire.DOWN_ROUND_KEY] = held
     conf = msg.content[wire.CONFIG_KEY]
     ctx = TrainContext(
         server_round=int(conf.get("round", conf.get("server-round", 0))),
@@ -80,7 +86,7 @@ def _train(msg: Message, context: Context) -> Message:
     if getattr(cfg.privacy, "name", "none") == "client":
         result = _clip_update(result, cfg.privacy.clip)
     content = wire.reply_content(_encode(result, cfg, context), result.num_examples,
-                                 result.metrics, partition_id=pid)
+                                 {**result.metrics, **extra_metrics}, partition_id=pid)
     return Message(content=content, reply_to=msg)
 
 

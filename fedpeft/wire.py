@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.errors import UpdateRejected
@@ -79,6 +79,31 @@ def decode_compressed(
     for name, delta in deltas.items():
         _check_tensor(name, delta, reference[name], max_abs)
     return DenseUpdate(deltas)
+
+
+DOWN_ROUND_KEY, DOWN_BASE_KEY = "downlink-round", "downlink-base"
+_BLOB_PREFIX = "round-"
+
+
+def encode_blobs(blobs: Mapping[int, bytes]) -> ArrayRecord:
+    """Compressed global deltas keyed by the round that produced them (``round-000007``)."""
+    return to_arrayrecord({f"{_BLOB_PREFIX}{r:06d}": np.frombuffer(b, np.uint8)
+                           for r, b in blobs.items()})
+
+
+def decode_blobs(record: ArrayRecord) -> list[tuple[int, memoryview]]:
+    """(round, blob) pairs of :func:`encode_blobs`, in round order."""
+    if not all(k.startswith(_BLOB_PREFIX) for k in record):
+        raise UpdateRejected(f"downlink: expected compressed deltas {_BLOB_PREFIX}<round>, "
+                             f"found {sorted(record)[:3]}")
+    return sorted((int(k[len(_BLOB_PREFIX):]), memoryview(record[k].numpy().reshape(-1)))
+                  for k in record)
+
+
+def with_arrays(content: RecordDict, arrays: ArrayRecord, **config: int) -> RecordDict:
+    """``content`` with its arrays replaced and ``config`` entries added to its config."""
+    conf = dict(content.config_records[CONFIG_KEY]) if CONFIG_KEY in content else {}
+    return RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({**conf, **config})})
 
 
 def load_arrays(state: RecordDict, key: str) -> dict[str, np.ndarray] | None:

@@ -65,6 +65,7 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
     """Run rounds ``start_round+1 .. run.num_rounds`` with the configured strategy."""
     from strategies import STRATEGIES, build_strategy
     from strategies.decoding import DecodingStrategy
+    from strategies.downlink import Downlink
 
     load_components()
     remaining = cfg.run.num_rounds - start_round
@@ -83,6 +84,8 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
                                     screen=cfg.screen)
     if cfg.compression.name != "identity":
         strategy.compressor = build_compressor(cfg.compression)
+    if cfg.compression.downlink:
+        strategy.downlink = Downlink(build_compressor(cfg.compression))
     strategy.privacy_required = state.privacy.mechanism.level == "sample"
     if state.privacy.mechanism.level == "client":
         strategy.enable_client_dp(cfg.privacy)

@@ -34,6 +34,7 @@ from fedpeft.privacy.accounting import PrivacyEvent, event_from_metrics
 from fedpeft.privacy.client import LEDGER_KEY
 from fedpeft.types import Exclusion
 from strategies import client_dp, exclusions, screening
+from strategies.downlink import Downlink
 
 log = logging.getLogger("fedpeft.strategy")
 REJECTED_BY = "decoder"  # ``by`` of replies refused before aggregation
@@ -161,6 +162,7 @@ class DecodingStrategy(Strategy):
         self.privacy_required = False  # set by the server when a client-side DP runs
         self.client_dp: Any = None  # ClientDPConfig when the run is private at client level
         self.compressor: Any = None  # the codec clients encode with (None: plain arrays)
+        self.downlink: Downlink | None = None  # compressed broadcasts (None: full state)
         self._expected = 0.0
         self._global: dict = {}
 
@@ -179,11 +181,15 @@ class DecodingStrategy(Strategy):
     ) -> Iterable[Message]:
         self._global = wire.from_arrayrecord(arrays)
         config["round"] = server_round + self.round_offset
+        if self.downlink is not None and not self.downlink.model:
+            self.downlink.start(self._global, config["round"] - 1)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         keep = set(admitted(self, [m.metadata.dst_node_id for m in messages], config["round"]))
         messages = [m for m in messages if m.metadata.dst_node_id in keep]
         if self.client_dp is not None:
             messages, self._expected = client_dp.sample(messages, self.client_dp)
+        if self.downlink is not None:
+            messages = self.downlink.address(messages)
         self.traffic = RoundTraffic.for_messages(messages)
         return messages
 
@@ -212,6 +218,9 @@ class DecodingStrategy(Strategy):
         self.last_train_metrics = metrics
         if arrays is not None:
             self._record_exclusions(rnd, decoded, reasons)
+            if self.downlink is not None:  # the global model is what clients rebuild
+                arrays = wire.to_arrayrecord(
+                    self.downlink.commit(rnd, wire.from_arrayrecord(arrays)))
         return arrays, metrics
 
     def _reject(self, rnd: int, reply: Message, reason: str) -> None:
@@ -230,11 +239,15 @@ class DecodingStrategy(Strategy):
         node, pid = str(reply.metadata.src_node_id), self.partitions.learn(reply)
         if reply.has_error():
             self.traffic.reject(rnd, node, pid, f"client error: {reply.error.reason}")
+            if self.downlink is not None:
+                self.downlink.forget(node)
             return None
         self.traffic.bytes_up[node] = wire.message_bytes(reply)
         try:
             arrays, metrics = _split_reply(reply.content)
             self.traffic.note_privacy(node, pid, metrics, self.privacy_required)
+            if self.downlink is not None:
+                self.downlink.confirm(node, metrics)
             screening.check_size(self.traffic.bytes_up[node], self.screen.max_reply_bytes)
             self.traffic.payload_bytes_up[node] = wire.payload_bytes(arrays)
             update = self._update(arrays)
@@ -286,7 +299,8 @@ def _keep_common_metrics(replies: list[Message]) -> None:
     """Flower requires identical metric keys across replies; keep the shared scalars.
     ``partition-id`` is dropped: an averaged partition id would mean nothing."""
     records = [r.content.metric_records[wire.METRICS_KEY] for r in replies]
-    common = set.intersection(*(set(m.keys()) for m in records)) - {wire.PARTITION_ID_KEY}
+    common = set.intersection(*(set(m.keys()) for m in records)) - {
+        wire.PARTITION_ID_KEY, wire.DOWN_ROUND_KEY}
     for reply, metrics in zip(replies, records, strict=True):
         kept = MetricRecord({k: v for k, v in metrics.items() if k in common
                              and isinstance(v, (int, float))})

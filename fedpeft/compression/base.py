@@ -31,10 +31,13 @@ MAGIC = b"FPC1"
 @dataclass(frozen=True)
 class CompressionConfig:
     """Options every codec shares. ``error_feedback``: the client adds what the previous
-    round's compression dropped (its residual, kept in Flower's ``context.state``)."""
+    round's compression dropped (its residual, kept in Flower's ``context.state``);
+    ``downlink``: the server also broadcasts compressed global deltas (with server-side
+    error feedback) instead of the full state."""
 
     name: str = "identity"
     error_feedback: bool = False
+    downlink: bool = False
 
 
 class Compressor(ABC):
@@ -132,7 +135,7 @@ def check_update_kind(cfg: Any, method: type) -> None:
     """Codecs encode dense deltas; seed and projected updates are already a few numbers
     per step and have their own exact encoding."""
     kind = getattr(method, "update_kind", "dense")
-    if cfg.name != "identity" and kind != "dense":
+    if (cfg.name != "identity" or cfg.downlink) and kind != "dense":
         raise IncompatibleComponentsError(
             f"compression={cfg.name} encodes dense tensor deltas, but method="
             f"{method.name} sends {kind!r} updates (already compact); use "
