@@ -13,6 +13,7 @@ import inspect
 import typing
 from typing import Any
 
+from fedpeft.compression import COMPRESSORS
 from fedpeft.config import (
     COMPONENT_PACKAGES,
     EvalConfig,
@@ -30,7 +31,8 @@ from fedpeft.privacy import PRIVACY
 
 _PLAIN = {"model": ModelConfig, "data": DataConfig, "run": RunConfig, "eval": EvalConfig,
           "sim": SimConfig, "screen": ScreenConfig}
-_COMPONENTS = ("model", "data", "method", "strategy", "privacy")
+_COMPONENTS = ("model", "data", "method", "strategy", "privacy", "compression")
+_REGISTRIES = {"method": METHODS, "privacy": PRIVACY, "compression": COMPRESSORS}
 
 
 def yaml_names(group: str) -> list[str]:
@@ -54,8 +56,8 @@ def group_text(group: str) -> str:
     """Every valid key of ``group`` with its type and default."""
     if group in _PLAIN:
         return f"{group}:\n" + _fields(_PLAIN[group], group)
-    if group in ("method", "privacy"):
-        registry = METHODS if group == "method" else PRIVACY
+    if group in _REGISTRIES:
+        registry = _REGISTRIES[group]
         return "\n".join(f"{group}={n}:\n" + _fields(registry.get(n).config_cls, group)
                          for n in registry.names())
     if group == "strategy":
