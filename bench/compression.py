@@ -11,9 +11,10 @@ Parts (``--parts``, all by default):
   included; encode and decode seconds.
 - ``federated``: the default federation (``fedpeft simulate``: 4 clients, Dirichlet 0.5,
   LoRA, FedAvg) for ``--rounds`` rounds: uncompressed, ComPEFT at each density with and
-  without error feedback, 8-bit quantisation and float top-k at 10%. Reported: held-out
-  accuracy and loss, total bytes up and down (framed and payload), and the uplink ratio
-  to the uncompressed run. The comparison report of these runs (``fedpeft report``) is
+  without error feedback, 8-bit quantisation and float top-k at 10%, and ComPEFT at 10%
+  with error feedback and compressed broadcasts (``--points`` runs some). Reported: held-out
+  accuracy and loss, total bytes up and down (framed and payload), and the ratios to the
+  uncompressed run. The comparison report of these runs (``fedpeft report``) is
   written to ``bench/results/compression-report/``.
 
 Every number comes from the runs this script starts; results go to
@@ -97,23 +98,41 @@ def codec_part(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def federated_part(args: argparse.Namespace) -> list[dict]:
-    runs = args.out.parent / "runs"
-    base = [f"model={args.model}", f"run.num_rounds={args.rounds}", "run.checkpoint=false"]
+def federated_grid(args: argparse.Namespace) -> list[list[str]]:
+    """Uncompressed; ComPEFT at each density without and with error feedback; the
+    baselines; ComPEFT at 10% with error feedback up and compressed broadcasts down."""
     grid = [["compression=identity"]]
     grid += [["compression=compeft", f"compression.density={d}",
               f"compression.error_feedback={ef}"] for d in args.fed_densities
              for ef in ("false", "true")]
     grid += [["compression=quantize"], ["compression=topk", "compression.density=0.1"]]
-    rows = [simulate([*base, *extra], runs, f"comp-{i}") for i, extra in enumerate(grid)]
-    write_report([runs / r["run_id"] for r in rows], args.out.parent / "compression-report",
+    return [*grid, ["compression=compeft", "compression.density=0.1",
+                    "compression.error_feedback=true", "compression.downlink=true"]]
+
+
+def federated_part(args: argparse.Namespace, done: list[dict]) -> list[dict]:
+    """Run the grid points ``--points`` (default all); rows of earlier runs of the other
+    points are kept, so a point can be added or rerun alone."""
+    runs = args.out.parent / "runs"
+    base = [f"model={args.model}", f"run.num_rounds={args.rounds}", "run.checkpoint=false"]
+    grid = federated_grid(args)
+    rows = {json.dumps(r["overrides"][len(base):]): r for r in done}
+    for i in args.points if args.points is not None else range(len(grid)):
+        rows[json.dumps(grid[i])] = simulate([*base, *grid[i]], runs, f"comp-{i}")
+    ordered = [rows[json.dumps(g)] for g in grid if json.dumps(g) in rows]
+    for row in ordered:
+        row.update(_ratios(row, ordered[0]))
+    write_report([runs / r["run_id"] for r in ordered], args.out.parent / "compression-report",
                  title="Compression on bbc-news (SmolLM2-135M, LoRA, 4 clients)")
-    up0 = rows[0]["total_payload_bytes_up"]
-    for row in rows:
-        row["uplink_payload_ratio"] = up0 / row["total_payload_bytes_up"]
-        row["uplink_framed_ratio"] = rows[0]["total_bytes_up"] / row["total_bytes_up"]
-        row["accuracy_gap"] = rows[0]["eval_accuracy"] - row["eval_accuracy"]
-    return rows
+    return ordered
+
+
+def _ratios(row: dict, dense: dict) -> dict:
+    return {"uplink_payload_ratio": dense["total_payload_bytes_up"]
+            / row["total_payload_bytes_up"],
+            "uplink_framed_ratio": dense["total_bytes_up"] / row["total_bytes_up"],
+            "downlink_framed_ratio": dense["total_bytes_down"] / row["total_bytes_down"],
+            "accuracy_gap": dense["eval_accuracy"] - row["eval_accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2])
     ap.add_argument("--fed-densities", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--points", type=int, nargs="+", default=None,
+                    help="federated grid points to run (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compression.json")
     args = ap.parse_args(argv)
     report: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch "
@@ -133,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out.exists():  # parts run separately accumulate in one file
         report["parts"] = json.loads(args.out.read_text()).get("parts", {})
     for part in args.parts:
-        report["parts"][part] = {"codec": codec_part, "federated": federated_part}[part](args)
+        report["parts"][part] = (codec_part(args) if part == "codec" else
+                                 federated_part(args, report["parts"].get(part, [])))
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(part, json.dumps(report["parts"][part], indent=1)[:3000], flush=True)
     return report
