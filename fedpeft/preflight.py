@@ -54,6 +54,11 @@ class PreflightReport:
                          f"partition sizes {min(sizes)}..{max(sizes)}")
         if self.cfg.privacy.name != "none":
             parts.append(privacy_line(self.cfg.privacy))
+        comp = self.cfg.compression
+        if comp.name != "identity" or comp.downlink:
+            opts = {k: v for k, v in vars(comp).items() if k != "name"}
+            parts.append(f"compression {comp.name} "
+                         + " ".join(f"{k}={v}" for k, v in opts.items()))
         return "; ".join(parts)
 
 

@@ -101,3 +101,12 @@ def test_client_error_feedback_lives_in_the_node_state() -> None:
 
 def _blob(record) -> bytes:
     return record[wire.COMPRESSED_KEY].numpy().tobytes()
+
+
+def test_validate_names_the_codec_and_its_options() -> None:
+    from fedpeft.preflight import PreflightReport
+
+    line = PreflightReport(cfg=compose("compression=topk compression.density=0.05"),
+                           model="m").summary()
+    assert "compression topk" in line and "density=0.05" in line
+    assert "compression" not in PreflightReport(cfg=compose(""), model="m").summary()
