@@ -32,6 +32,7 @@ from fedpeft.config import FedPeftConfig, compose, federation_checks
 from fedpeft.data import DataConfig, load_task_data, partition_sizes
 from fedpeft.errors import ConfigError
 from fedpeft.models import check_available
+from fedpeft.privacy import build_privacy
 from fedpeft.reporting import resolve_resume
 
 
@@ -88,7 +89,30 @@ def preflight(overrides: str | Sequence[str] | None = None, config_dir: str | Pa
     if n:
         check_federation(cfg, n)
         sizes = tuple(check_partition(cfg.data, n))
+        check_first_round_budget(cfg, min(sizes))
     return PreflightReport(cfg, model, n, sizes, time.perf_counter() - t0)
+
+
+def check_first_round_budget(cfg: FedPeftConfig, smallest: int) -> None:
+    """A client's first round is admitted before the server has seen it: with a budget,
+    one round of the smallest client (the largest sampling rate) must fit in it."""
+    budget = getattr(cfg.privacy, "max_epsilon", None)
+    event = build_privacy(cfg.privacy).first_round(cfg.method, cfg.run, smallest)
+    if budget is None or event is None:
+        return
+    from fedpeft.privacy.accounting import PrivacyLedger
+
+    eps = PrivacyLedger().epsilon_if("probe", event, cfg.privacy.delta, "rdp")
+    if eps > budget:
+        sample = event.level == "sample"
+        who = f"the smallest client ({smallest} examples; " if sample else "a client ("
+        raise ConfigError(
+            f"privacy.max_epsilon={budget:g} is spent by one round: {who}"
+            f"q={event.sample_rate:.4g}, {event.steps} steps, sigma="
+            f"{event.noise_multiplier:.4g}) reaches epsilon {eps:.3g} in its first round. "
+            "Raise privacy.max_epsilon or privacy.noise_multiplier or set "
+            "privacy.target_epsilon" + (", or take fewer steps (method.local_steps)"
+                                        if sample else ""))
 
 
 def check_sim_resources(cfg: FedPeftConfig) -> None:

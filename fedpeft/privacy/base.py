@@ -75,6 +75,13 @@ class PrivacyMechanism(ABC):
         for a target ε over ``run.num_rounds``); the default changes nothing."""
         return self.cfg
 
+    def first_round(self, method_cfg: Any, run: Any, smallest: int) -> Any:
+        """The :class:`~fedpeft.privacy.accounting.PrivacyEvent` of one round of the client
+        with the fewest examples (``smallest``; the largest sampling rate), or None when
+        the mechanism spends no budget; the preflight checks it against ``max_epsilon``,
+        because a client's first round is admitted before anything is known of it."""
+        return None
+
     def _needs(self) -> str:
         if self.first_order:
             return "clips per-example gradients of local gradient steps"
@@ -112,6 +119,17 @@ def _sigma_for(target: float, delta: float, sample_rate: float, steps: int) -> f
     from fedpeft.privacy.accounting import noise_for_target  # imports Opacus
 
     return noise_for_target(target, delta, sample_rate, steps, "rdp")
+
+
+def sample_level_round(cfg: Any, batch_size: int, smallest: int, local_steps: int,
+                       num_rounds: int, seeded: bool = False) -> Any:
+    """One round of a sample-level mechanism on a client of ``smallest`` examples: q =
+    batch/N (1 when batches are not secret), σ as that client would choose it."""
+    from fedpeft.privacy.accounting import PrivacyEvent
+
+    q = 1.0 if seeded else min(1.0, batch_size / max(1, smallest))
+    sigma = with_target_sigma(cfg, q, local_steps * num_rounds).noise_multiplier
+    return PrivacyEvent(sigma, q, local_steps)
 
 
 def build_privacy(cfg: Any) -> PrivacyMechanism:

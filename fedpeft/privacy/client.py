@@ -84,6 +84,9 @@ class ClientLevelDP(PrivacyMechanism):
                 + ", ".join(MEAN_STRATEGIES))
 
 
+    def first_round(self, method_cfg: Any, run: Any, smallest: int) -> PrivacyEvent:
+        return self.cfg.event()
+
     def resolve(self, run: Any) -> ClientDPConfig:
         """With ``target_epsilon``: σ from Opacus's search for q and ``run.num_rounds``
         rounds (RDP, the conservative accountant), replacing ``noise_multiplier``."""

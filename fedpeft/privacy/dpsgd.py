@@ -51,7 +51,13 @@ from torch import nn
 
 from fedpeft.data import Encoded, collate
 from fedpeft.errors import ConfigError, IncompatibleComponentsError
-from fedpeft.privacy.base import PRIVACY, BudgetConfig, PrivacyMechanism, with_target_sigma
+from fedpeft.privacy.base import (
+    PRIVACY,
+    BudgetConfig,
+    PrivacyMechanism,
+    sample_level_round,
+    with_target_sigma,
+)
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 # Attributes Opacus leaves on parameters and modules; removed after every call.
@@ -417,6 +423,10 @@ class DPSGD(PrivacyMechanism):
     first_order = True
     remedy = ("Zeroth-order methods (fedkseed) have no per-example gradients: use "
               "privacy=dpzo.")
+
+    def first_round(self, method_cfg: Any, run: Any, smallest: int) -> Any:
+        return sample_level_round(self.cfg, method_cfg.batch_size, smallest,
+                                  method_cfg.local_steps, run.num_rounds)
 
     def check(self, method: type, strategy: str, params: dict[str, Any],
               method_cfg: Any = None) -> None:

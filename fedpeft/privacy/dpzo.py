@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fedpeft.errors import ConfigError
-from fedpeft.privacy.base import PRIVACY, BudgetConfig, PrivacyMechanism
+from fedpeft.privacy.base import PRIVACY, BudgetConfig, PrivacyMechanism, sample_level_round
 from fedpeft.seeding import perturb_
 
 if TYPE_CHECKING:  # the method imports this module: no runtime import back
@@ -109,6 +109,11 @@ class DPZO(PrivacyMechanism):
     update_kinds = ("seeds",)
     remedy = ("For methods that send dense updates or take first-order steps (lora, dora, "
               "ia3, ferret) use privacy=dpsgd, which clips per-example gradients.")
+
+    def first_round(self, method_cfg: Any, run: Any, smallest: int) -> Any:
+        return sample_level_round(self.cfg, method_cfg.batch_size, smallest,
+                                  method_cfg.local_steps, run.num_rounds,
+                                  seeded=self.cfg.sampling == "seeded")
 
     def _needs(self) -> str:
         return ("clips and noises the per-example scalar derivatives of zeroth-order "

@@ -111,3 +111,24 @@ def test_good_config_reports_each_clients_partition_size() -> None:
     assert report.num_clients == 8 and len(report.partition_sizes) == 8
     assert sum(report.partition_sizes) == 2165 and min(report.partition_sizes) >= 2
     assert "8 clients" in report.summary()
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ("privacy=dpsgd privacy.max_epsilon=1 privacy.noise_multiplier=0.5",
+     "the smallest client (391 examples; q=0.01023, 4 steps, sigma=0.5) reaches epsilon 5.09"),
+    ("method=fedkseed strategy=fedkseed privacy=dpzo privacy.max_epsilon=0.2",
+     "q=0.002558, 200 steps, sigma=1) reaches epsilon 0.819"),
+    ("privacy=client privacy.max_epsilon=0.5 privacy.noise_multiplier=0.8",
+     "a client (q=0.5, 1 steps, sigma=0.8) reaches epsilon 5.24"),
+])
+def test_a_budget_one_round_would_spend_fails_in_preflight(
+        overrides: str, fragment: str, no_processes_or_models: None) -> None:
+    with pytest.raises(FedPeftError, match="is spent by one round") as info:
+        preflight(overrides.split(), federation_size="sim")
+    assert fragment in str(info.value)
+
+
+def test_a_budget_that_fits_one_round_passes() -> None:
+    for ok in ("privacy=dpsgd privacy.max_epsilon=8",
+               "privacy=dpsgd privacy.max_epsilon=3 privacy.target_epsilon=3"):
+        assert "privacy dpsgd" in preflight(ok.split(), federation_size="sim").summary()
