@@ -31,7 +31,7 @@ cmd="${1:-test}"; shift || true
 case "$cmd" in
   setup) setup ;;
   demo)  setup; cd "$ROOT"; exec "$VENV/bin/fedpeft" simulate "$@" ;;
-  test)  setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test)  setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q --durations=25 "$@" ;;
   # No setup: GPU machines may be offline; use the venv if there is one, else python3.
   gpu-check) cd "$ROOT"; PYBIN="$VENV/bin/python"; [[ -x "$PYBIN" ]] || PYBIN="$(command -v "$PY")"
              PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PYBIN" bench/gpu_check.py "$@" ;;
