@@ -30,18 +30,26 @@ from fedpeft.compression.base import (
 from fedpeft.errors import ConfigError, UpdateRejected
 
 _BODY = struct.Struct("<fQ")  # scale, kept entries
+SCALES = ("std", "kept_mean")
 
 
 @dataclass(frozen=True)
 class ComPEFTConfig(CompressionConfig):
-    """``density``: fraction of entries kept; ``alpha``: scale multiplier of σ."""
+    """``density``: fraction of entries kept; ``alpha``: multiplier of the scale;
+    ``scale``: ``std`` (σ of the whole update, as in ComPEFT) or ``kept_mean`` (the mean
+    |τ| of the kept entries, as in sparse ternary compression, Sattler et al., arXiv
+    1903.02891: it keeps the kept entries' L1 mass, so a sparse update is not shrunk)."""
 
     name: str = "compeft"
     density: float = 0.1
     alpha: float = 1.0
+    scale: str = "std"
 
     def validate(self) -> None:
         check_density(self.density, "compression.density")
+        if self.scale not in SCALES:
+            raise ConfigError(f"compression.scale must be one of {', '.join(SCALES)}, "
+                              f"found {self.scale!r}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"compression.alpha must be a finite number > 0, found "
                              f"{self.alpha!r}")
@@ -56,12 +64,14 @@ def top_k(flat: np.ndarray, density: float) -> np.ndarray:
     return np.sort(np.argpartition(-mag, k - 1)[:k]).astype(np.int64)
 
 
-def ternarize(flat: np.ndarray, density: float, alpha: float) -> tuple[np.ndarray, float]:
+def ternarize(flat: np.ndarray, density: float, alpha: float,
+              scale: str = "std") -> tuple[np.ndarray, float]:
     """(kept positions, scale α·σ): the ternary update is scale·sign(τ) there, 0
-    elsewhere. When σ is 0 but entries are kept (a constant or one-value update), σ is
-    replaced by their mean |τ|, so such an update is not silently erased."""
+    elsewhere. σ is std(τ) (``scale="std"``) or the kept entries' mean |τ|
+    (``"kept_mean"``). When σ is 0 but entries are kept (a constant or one-value update),
+    σ is replaced by their mean |τ|, so such an update is not silently erased."""
     pos = top_k(flat, density)
-    sigma = float(np.std(flat, dtype=np.float64)) if flat.size else 0.0
+    sigma = float(np.std(flat, dtype=np.float64)) if flat.size and scale == "std" else 0.0
     if sigma == 0 and pos.size:
         sigma = float(np.abs(flat[pos]).mean(dtype=np.float64))
     return pos, float(np.float32(alpha * sigma))
@@ -76,7 +86,7 @@ class ComPEFT(Compressor):
     codec_id = 1
 
     def encode_flat(self, flat: np.ndarray) -> bytes:
-        pos, scale = ternarize(flat, self.cfg.density, self.cfg.alpha)
+        pos, scale = ternarize(flat, self.cfg.density, self.cfg.alpha, self.cfg.scale)
         gaps = bits.gaps_of(pos)
         bs = bits.chunk_bs(gaps)
         signs = np.packbits(flat[pos] < 0).tobytes()

@@ -50,22 +50,23 @@ def test_blob_size_is_the_payload_on_the_wire(flat: np.ndarray, which: int) -> N
 
 
 @SETTINGS
-@given(flat=VECTORS, density=DENSITY, alpha=st.floats(0.1, 4.0))
+@given(flat=VECTORS, density=DENSITY, alpha=st.floats(0.1, 4.0),
+       scale=st.sampled_from(["std", "kept_mean"]))
 def test_compeft_decodes_to_the_ternarised_update(flat: np.ndarray, density: float,
-                                                  alpha: float) -> None:
+                                                  alpha: float, scale: str) -> None:
     deltas = _split(flat)
-    out = _flat(build_compressor(ComPEFTConfig(density=density, alpha=alpha))
+    out = _flat(build_compressor(ComPEFTConfig(density=density, alpha=alpha, scale=scale))
                 .roundtrip(deltas))
     kept = np.flatnonzero(out)
     nnz = int(np.count_nonzero(flat_sorted := _flat(deltas)))
     k = min(math.ceil(density * flat.size), nnz)
     sigma = float(np.std(flat_sorted, dtype=np.float64)) if flat.size else 0.0
-    if sigma == 0 and k:
+    if (sigma == 0 or scale == "kept_mean") and k:
         top = np.argsort(-np.abs(flat_sorted), kind="stable")[:k]
         sigma = float(np.abs(flat_sorted[top]).mean(dtype=np.float64))
-    scale = np.float32(alpha * sigma)
-    assert kept.size == (k if scale > 0 else 0)  # density honoured
-    np.testing.assert_array_equal(np.abs(out[kept]), scale)  # one scale, exactly
+    expected = np.float32(alpha * sigma)
+    assert kept.size == (k if expected > 0 else 0)  # density honoured
+    np.testing.assert_array_equal(np.abs(out[kept]), expected)  # one scale, exactly
     np.testing.assert_array_equal(np.sign(out[kept]), np.sign(flat_sorted[kept]))
     dropped = np.setdiff1d(np.arange(flat.size), kept)
     if kept.size and dropped.size:  # kept entries are a top-k set by magnitude
