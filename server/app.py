@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -63,16 +64,39 @@ def _open_run(cfg: FedPeftConfig) -> tuple[RunDir, int]:
 
 def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None:
     """Run rounds ``start_round+1 .. run.num_rounds`` with the configured strategy."""
-    from strategies import STRATEGIES, build_strategy
-    from strategies.decoding import DecodingStrategy
-    from strategies.downlink import Downlink
-
     load_components()
     remaining = cfg.run.num_rounds - start_round
     if remaining <= 0:
         log.info("fedpeft: run already has %d rounds; nothing to do", start_round)
         return
     state = GlobalModel(cfg, run, start_round)
+    strategy = state.strategy = _strategy(cfg, state, start_round)
+    grid = WatchedGrid(grid, stall_timeout_s=cfg.run.stall_timeout_s,
+                       node_wait_s=cfg.run.node_wait_s, nodes_needed=_nodes_needed(cfg),
+                       partition_of=lambda node: _partition_of(state.strategy, node))
+    log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
+             cfg.run.num_rounds)
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=wire.to_arrayrecord(state.initial_state()),
+            num_rounds=remaining,
+            timeout=cfg.run.round_timeout_s,
+            train_config=ConfigRecord({"seed": cfg.run.seed}),
+            evaluate_fn=state.end_of_round,
+        )
+    finally:
+        state.log_summary()
+
+
+def _strategy(cfg: FedPeftConfig, state: GlobalModel, start_round: int) -> Any:
+    """The configured strategy, bound to the run: replay history on resume; for dense
+    strategies the decoding wrapper with its screen, codec, downlink and privacy; and the
+    privacy budget's admission rule."""
+    from strategies import STRATEGIES, build_strategy
+    from strategies.decoding import DecodingStrategy
+    from strategies.downlink import Downlink
+
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.params)
     if hasattr(strategy, "bind_method"):  # replay strategies (FedKSeed, Ferret)
         strategy.bind_method(state.method)
@@ -91,24 +115,7 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
         strategy.enable_client_dp(cfg.privacy)
     strategy.admit = lambda nodes, rnd: state.privacy.admit(
         nodes, lambda node: _partition_of(strategy, str(node)), rnd)
-    state.strategy = strategy
-    grid = WatchedGrid(grid, stall_timeout_s=cfg.run.stall_timeout_s,
-                       node_wait_s=cfg.run.node_wait_s, nodes_needed=_nodes_needed(cfg),
-                       partition_of=lambda node: _partition_of(state.strategy, node))
-    log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
-             cfg.run.num_rounds)
-    try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=wire.to_arrayrecord(state.initial_state()),
-            num_rounds=remaining,
-            timeout=cfg.run.round_timeout_s,
-            train_config=ConfigRecord({"seed": cfg.run.seed}),
-            evaluate_fn=state.end_of_round,
-        )
-    finally:
-        state.log_summary()
-
+    return strategy
 
 
 def _rounds_done(run: RunDir) -> int:
