@@ -12,7 +12,8 @@ Parts (``--parts``, all by default):
 - ``federated``: the default federation (``fedpeft simulate``: 4 clients, Dirichlet 0.5,
   LoRA, FedAvg) for ``--rounds`` rounds: uncompressed, ComPEFT at each density with and
   without error feedback, 8-bit quantisation and float top-k at 10%, and ComPEFT at 10%
-  with error feedback and compressed broadcasts (``--points`` runs some). Reported: held-out
+  with error feedback and compressed broadcasts, and with STC's scale (``--points`` runs
+  some). Reported: held-out
   accuracy and loss, total bytes up and down (framed and payload), and the ratios to the
   uncompressed run. The comparison report of these runs (``fedpeft report``) is
   written to ``bench/results/compression-report/``.
@@ -100,14 +101,15 @@ def codec_part(args: argparse.Namespace) -> list[dict]:
 
 def federated_grid(args: argparse.Namespace) -> list[list[str]]:
     """Uncompressed; ComPEFT at each density without and with error feedback; the
-    baselines; ComPEFT at 10% with error feedback up and compressed broadcasts down."""
+    baselines; ComPEFT at 10% with error feedback up and compressed broadcasts down; and
+    ComPEFT at 10% with error feedback and STC's scale (mean |τ| of the kept entries)."""
     grid = [["compression=identity"]]
     grid += [["compression=compeft", f"compression.density={d}",
               f"compression.error_feedback={ef}"] for d in args.fed_densities
              for ef in ("false", "true")]
     grid += [["compression=quantize"], ["compression=topk", "compression.density=0.1"]]
-    return [*grid, ["compression=compeft", "compression.density=0.1",
-                    "compression.error_feedback=true", "compression.downlink=true"]]
+    ef10 = ["compression=compeft", "compression.density=0.1", "compression.error_feedback=true"]
+    return [*grid, [*ef10, "compression.downlink=true"], [*ef10, "compression.scale=kept_mean"]]
 
 
 def federated_part(args: argparse.Namespace, done: list[dict]) -> list[dict]:
