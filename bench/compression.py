@@ -124,9 +124,24 @@ def federated_part(args: argparse.Namespace, done: list[dict]) -> list[dict]:
     ordered = [rows[json.dumps(g)] for g in grid if json.dumps(g) in rows]
     for row in ordered:
         row.update(_ratios(row, ordered[0]))
+    for row in ordered:
+        row["label"] = label(row["overrides"][len(base):])
     write_report([runs / r["run_id"] for r in ordered], args.out.parent / "compression-report",
-                 title="Compression on bbc-news (SmolLM2-135M, LoRA, 4 clients)")
+                 title="Compression on bbc-news (SmolLM2-135M, LoRA, 4 clients)",
+                 labels=[r["label"] for r in ordered])
     return ordered
+
+
+def label(point: list[str]) -> str:
+    """Short name of a grid point, e.g. ``compeft 10% +EF +down``."""
+    opts = dict(o.split("=", 1) for o in point)
+    name = opts.pop("compression")
+    text = {"identity": "dense fp32", "quantize": "quantize 8-bit"}.get(name, name)
+    if "compression.density" in opts:
+        text += f" {float(opts.pop('compression.density')) * 100:g}%"
+    flags = {"compression.error_feedback": "+EF", "compression.downlink": "+down"}
+    text += "".join(f" {v}" for k, v in flags.items() if opts.get(k) == "true")
+    return text + (" STC scale" if opts.get("compression.scale") == "kept_mean" else "")
 
 
 def _ratios(row: dict, dense: dict) -> dict:

@@ -355,13 +355,16 @@ def default_out(paths: Sequence[Path]) -> Path:
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, labels: Sequence[str] | None = None) -> Path:
     """Write ``report.html`` and one PNG per plot with data into ``out``; return the HTML's
-    path. PNGs of plots now skipped are removed so the folder matches the HTML."""
+    path. PNGs of plots now skipped are removed so the folder matches the HTML. ``labels``
+    names the runs (default: their differing overrides, else their run ids)."""
     loaded = [load_run(p) for p in dict.fromkeys(Path(p) for p in run_dirs)]
     if not loaded:
         raise ConfigError("fedpeft report needs at least one run directory")
-    labels = run_labels(loaded)
+    if labels is not None and len(labels) != len(loaded):
+        raise ConfigError(f"fedpeft report: {len(labels)} labels for {len(loaded)} runs")
+    labels = list(labels) if labels is not None else run_labels(loaded)
     runs = [replace(run, label=label) for run, label in zip(loaded, labels, strict=True)]
     folder = Path(out).expanduser() if out else default_out([run.path for run in runs])
     folder.mkdir(parents=True, exist_ok=True)

@@ -156,6 +156,17 @@ def test_labels_fall_back_to_run_ids_when_overrides_do_not_tell_runs_apart(
     assert page.cells.count("first") == 2 and page.cells.count("second") == 2
 
 
+def test_given_labels_name_the_runs_and_must_match_them(tmp_path: Path) -> None:
+    first = _run(tmp_path, "first", ["strategy=fedavg"])
+    second = _run(tmp_path, "second", ["strategy=fedavg"])
+
+    page = _parse(write_report([first, second], out=tmp_path / "cmp", labels=["a 5%", "b"]))
+
+    assert page.cells.count("a 5%") == 1 and page.cells.count("b") == 1  # beside run ids
+    with pytest.raises(ConfigError, match="1 labels for 2 runs"):
+        write_report([first, second], out=tmp_path / "cmp", labels=["a"])
+
+
 def test_the_table_holds_each_runs_final_numbers(dp_run: Path, tmp_path: Path) -> None:
     row = summary_row(load_run(dp_run))
     failed = summary_row(load_run(_run(tmp_path, "f", [], rounds=0, state="failed")))
