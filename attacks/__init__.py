@@ -1,5 +1,9 @@
-"""Privacy audits of what a server observes (gradient inversion, membership).
+"""Privacy audits of what a server observes: reconstruction attacks on captured client
+updates (:mod:`attacks.recit`, :mod:`attacks.baselines`), their scoring
+(:mod:`attacks.metrics`), a one-run membership audit (:mod:`attacks.canary`) and the
+audit report (:mod:`attacks.report`)."""
 
-Not implemented yet: this package is reserved for the attack registry and audit
-reports (see README, "Status and limits").
-"""
+from attacks import baselines, recit  # noqa: F401  (register the attacks)
+from attacks.base import ATTACKS, Attack, AttackContext, Observation, Reconstruction
+
+__all__ = ["ATTACKS", "Attack", "AttackContext", "Observation", "Reconstruction"]

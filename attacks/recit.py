@@ -1,0 +1,170 @@
+"""ReCIT-style reconstruction of a client's private records from its PEFT update.
+
+Paper: Xie et al., "ReCIT: Reconstructing Full Private Data from Gradient in
+Parameter-Efficient Fine-Tuning of Large Language Models", 2025, arXiv 2504.20570.
+No public code exists; this follows the paper's three stages on what a fedpeft server
+observes:
+
+1. **Candidate tokens** from the first layer's adapter tensors. The query/key/value
+   projections of layer 0 all read ``norm(embedding(token))``, so every row of their
+   LoRA-A gradient is a combination of the batch's token vectors. AdamW's first step
+   turns that gradient into (almost exactly) its sign, so instead of a span test we run
+   simultaneous orthogonal matching pursuit: pick the vocabulary vectors that, jointly
+   for all rows, best explain the observed update; the picks are the candidate bag.
+2. **Update replay**: the observed update, scaled up, is applied to the distributed
+   model, which moves it towards the client's batch.
+3. **Sequence reconstruction**: beam search from the audit prompt with the replayed model,
+   with a logit bonus on the candidate bag, returning one sequence per batch record.
+
+The "Personal Notes" booster (malicious pre-training of the distributed model) lives in
+:mod:`attacks.boost`; this attack simply uses whatever model the server distributed.
+Written by hand: no maintained library implements gradient inversion for text PEFT.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from attacks.base import ATTACKS, Attack, AttackContext, Observation, Reconstruction
+from fedpeft.errors import ConfigError
+
+_FIRST_LAYER = re.compile(r"layers\.0\.self_attn\.(q_proj|k_proj|v_proj)\.lora_A\.")
+
+
+@dataclass(frozen=True)
+class RecitConfig:
+    """Options of the ``recit`` attack.
+
+    bag_per_record: candidate tokens picked per batch record; replay_scale: factor on
+    the observed update when it is applied to the model; bonus: logit added to candidate
+    tokens during beam search; beams: beam width; max_new_tokens: reconstruction length.
+    """
+
+    name: str = "recit"
+    bag_per_record: int = 40
+    replay_scale: float = 5.0
+    bonus: float = 4.0
+    beams: int = 4
+    max_new_tokens: int = 48
+
+    def validate(self) -> None:
+        for key in ("bag_per_record", "beams", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"attack.{key} must be >= 1, found {getattr(self, key)}")
+        if self.replay_scale < 0 or self.bonus < 0:
+            raise ConfigError("attack.replay_scale and attack.bonus must be >= 0, found "
+                              f"{self.replay_scale} and {self.bonus}")
+
+
+def first_layer_rows(update: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The layer-0 q/k/v LoRA-A update rows stacked (m x hidden), or None if the
+    update has none (other adapters, seed updates) or they are all zero (LoRA-B still
+    zero in the global state, so the A-gradient vanishes)."""
+    rows = [np.asarray(update[k], np.float64) for k in sorted(update) if _FIRST_LAYER.search(k)]
+    if not rows:
+        return None
+    stacked = np.concatenate(rows, axis=0)
+    return stacked if np.abs(stacked).max() > 0 else None
+
+
+def token_vectors(model: torch.nn.Module) -> np.ndarray:
+    """Every vocabulary token as layer 0's attention input, unit-normalised (V x hidden)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        emb = base.get_input_embeddings().weight
+        x = base.model.layers[0].input_layernorm(emb).double().cpu().numpy()
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def matching_pursuit(rows: np.ndarray, vocab: np.ndarray, k: int) -> list[int]:
+    """Simultaneous OMP: ``k`` vocabulary rows that jointly explain ``sign(rows)``.
+
+    Each step adds the token whose vector correlates most with the residual over all
+    rows, then refits every row on the chosen tokens by least squares."""
+    target = np.sign(rows)  # (m, hidden): AdamW's first step keeps only the sign
+    chosen: list[int] = []
+    residual = target
+    for _ in range(min(k, vocab.shape[0])):
+        score = np.linalg.norm(residual @ vocab.T, axis=0)  # (V,)
+        score[chosen] = -np.inf
+        chosen.append(int(np.argmax(score)))
+        basis = vocab[chosen]  # (s, hidden)
+        coef, *_ = np.linalg.lstsq(basis.T, target.T, rcond=None)  # (s, m)
+        residual = target - (basis.T @ coef).T
+    return chosen
+
+
+class _Bonus(LogitsProcessor):
+    """Adds a constant to the logits of the candidate tokens."""
+
+    def __init__(self, tokens: list[int], bonus: float, vocab_size: int) -> None:
+        self.mask = torch.zeros(vocab_size)
+        self.mask[torch.tensor(tokens, dtype=torch.long)] = bonus
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores + self.mask[: scores.shape[-1]].to(scores.dtype)
+
+
+def prompt_ids(ctx: AttackContext) -> list[int]:
+    """Token ids of the prompt the server configured, up to where the record starts."""
+    text = f"Question: {ctx.prompt}\nAnswer:"
+    return list(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def replayed(ctx: AttackContext, obs: Observation, scale: float) -> None:
+    """Load ``global + scale * update`` into the context's model (dense updates)."""
+    state = {k: np.asarray(v) + scale * np.asarray(obs.update[k])
+             for k, v in obs.sent_global.items() if k in obs.update}
+    ctx.method.set_state(ctx.model, state)
+
+
+def generate(ctx: AttackContext, n: int, beams: int, max_new: int,
+             processors: LogitsProcessorList | None = None) -> list[Reconstruction]:
+    """``n`` beam-search continuations of the prompt, decoded."""
+    ids = torch.tensor([prompt_ids(ctx)])
+    pad = ctx.tokenizer.pad_token_id or ctx.tokenizer.eos_token_id
+    ctx.model.eval()
+    with torch.no_grad():
+        out = ctx.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+            num_beams=max(beams, n), num_return_sequences=n, do_sample=False,
+            logits_processor=processors, pad_token_id=pad)
+    return [_decoded(ctx, row[ids.shape[1]:]) for row in out]
+
+
+def _decoded(ctx: AttackContext, ids: torch.Tensor) -> Reconstruction:
+    keep = [int(t) for t in ids if int(t) not in ctx.tokenizer.all_special_ids]
+    text = ctx.tokenizer.decode(keep, skip_special_tokens=True).strip()
+    return Reconstruction(text=text, token_ids=tuple(keep))
+
+
+@ATTACKS.register("recit")
+class RecitAttack(Attack):
+    """Candidate bag from the first layer, update replay, bag-biased beam search."""
+
+    name = "recit"
+    config_cls = RecitConfig
+
+    def candidates(self, obs: Observation, batch_size: int) -> list[int]:
+        """Candidate tokens of the batch (empty when layer 0 carries no LoRA-A signal)."""
+        rows = first_layer_rows(dict(obs.update))
+        if rows is None:
+            return []
+        vocab = self.ctx.artefacts.get("token_vectors")
+        if vocab is None:
+            vocab = self.ctx.artefacts["token_vectors"] = token_vectors(self.ctx.model)
+        return matching_pursuit(rows, vocab, self.cfg.bag_per_record * batch_size)
+
+    def reconstruct(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
+        bag = self.candidates(obs, batch_size)
+        replayed(self.ctx, obs, self.cfg.replay_scale)
+        vocab_size = self.ctx.model.get_input_embeddings().weight.shape[0]
+        processors = LogitsProcessorList([_Bonus(bag, self.cfg.bonus, vocab_size)]) \
+            if bag else None
+        return generate(self.ctx, batch_size, self.cfg.beams, self.cfg.max_new_tokens,
+                        processors)
