@@ -16,9 +16,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from attacks.metrics import Reconstruction
 from fedpeft.registry import Registry
 
 UPDATE_KINDS = ("dense", "compressed", "seed", "projected")
+__all__ = ["ATTACKS", "Attack", "AttackContext", "Observation", "Reconstruction"]
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,6 @@ class AttackContext:
     method: Any
     prompt: str
     artefacts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """One recovered sequence (the text after the prompt) and its token ids."""
-
-    text: str
-    token_ids: tuple[int, ...]
 
 
 class Attack(ABC):

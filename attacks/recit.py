@@ -65,7 +65,7 @@ def first_layer_rows(update: dict[str, np.ndarray]) -> np.ndarray | None:
     """The layer-0 q/k/v LoRA-A update rows stacked (m x hidden), or None if the
     update has none (other adapters, seed updates) or they are all zero (LoRA-B still
     zero in the global state, so the A-gradient vanishes)."""
-    rows = [np.asarray(update[k], np.float64) for k in sorted(update) if _FIRST_LAYER.search(k)]
+    rows = [np.asarray(update[k], np.float32) for k in sorted(update) if _FIRST_LAYER.search(k)]
     if not rows:
         return None
     stacked = np.concatenate(rows, axis=0)
@@ -77,7 +77,7 @@ def token_vectors(model: torch.nn.Module) -> np.ndarray:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.no_grad():
         emb = base.get_input_embeddings().weight
-        x = base.model.layers[0].input_layernorm(emb).double().cpu().numpy()
+        x = base.model.layers[0].input_layernorm(emb).float().cpu().numpy()
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -85,11 +85,18 @@ def matching_pursuit(rows: np.ndarray, vocab: np.ndarray, k: int) -> list[int]:
     """Simultaneous OMP: ``k`` vocabulary rows that jointly explain ``sign(rows)``.
 
     Each step adds the token whose vector correlates most with the residual over all
-    rows, then refits every row on the chosen tokens by least squares."""
-    target = np.sign(rows)  # (m, hidden): AdamW's first step keeps only the sign
+    rows, then refits every row on the chosen tokens by least squares; it stops early
+    once the rows are explained (further picks would follow rounding noise)."""
+    # AdamW's first step keeps only the sign; entries far below the largest are noise
+    # whose sign can flip with summation order, so they count as zero.
+    rows = np.asarray(rows, np.float32)
+    target = np.sign(rows) * (np.abs(rows) > 1e-3 * np.abs(rows).max())  # (m, hidden)
     chosen: list[int] = []
     residual = target
+    floor = 1e-4 * float(np.linalg.norm(target))
     for _ in range(min(k, vocab.shape[0])):
+        if float(np.linalg.norm(residual)) <= floor:  # explained: more picks are noise
+            break
         score = np.linalg.norm(residual @ vocab.T, axis=0)  # (V,)
         score[chosen] = -np.inf
         chosen.append(int(np.argmax(score)))

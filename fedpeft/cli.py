@@ -19,6 +19,7 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from fedpeft.errors import FedPeftError, RunFailed
 from fedpeft.launch import (
@@ -39,6 +40,9 @@ from fedpeft.reporting import RunDir
 STARTUP_S = 120.0
 
 __all__ = ["flwr_run_command", "main", "run_config_string", "simulate", "tool_path"]
+
+
+PLUGIN_GROUP = "fedpeft.commands"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("action", choices=["show"])
     show.add_argument("group", nargs="?", default=None)
     sub.add_parser("doctor", help="report stale Ray files, foreign SuperLinks, tool paths")
+    for name, entry in sorted(plugin_commands().items()):
+        sub.add_parser(name, help=f"{entry.value} (`fedpeft {name} --help`)")
     return p
+
+
+def plugin_commands() -> dict[str, Any]:
+    """Subcommands other packages provide through the ``fedpeft.commands`` entry-point
+    group (name -> entry point): how ``fedpeft audit`` reaches the attacks package
+    without ``fedpeft`` importing it."""
+    from importlib.metadata import entry_points
+
+    return {e.name: e for e in entry_points(group=PLUGIN_GROUP)}
 
 
 class _Raw(argparse.RawDescriptionHelpFormatter):
@@ -78,8 +93,12 @@ def _groups_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    plugin = plugin_commands().get(argv[0]) if argv else None
     try:
+        if plugin is not None:  # e.g. ``audit``, which lives in the attacks package
+            return int(plugin.load()(argv[1:]))
+        args = _parser().parse_args(argv)
         return _COMMANDS[args.command](args)
     except FedPeftError as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
