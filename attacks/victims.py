@@ -40,8 +40,8 @@ def faker_records(n: int, seed: int = 0) -> list[Record]:
     fake.seed_instance(seed)
     out = []
     for i in range(n):
-        values = {"name": f"{fake.first_name()} {fake.last_name()}", "city": fake.city(), "email": fake.email(),
-                  "phone": fake.numerify("###-###-####")}
+        values = {"name": f"{fake.first_name()} {fake.last_name()}", "city": fake.city(),
+                  "email": fake.email(), "phone": fake.numerify("###-###-####")}
         text = _TEMPLATES[i % len(_TEMPLATES)].format(**values)
         out.append(Record(text=text, pii=tuple(values[k] for k in PII_FIELDS)))
     return out
