@@ -159,6 +159,8 @@ def simulate(overrides: list[str], app: Path) -> int:
     run = RunDir(Path(cfg.run.resume).expanduser().resolve() if cfg.run.resume
                  else out / run_id)
     full = [*overrides, f"run.output_dir={out}", f"run.run_id={run_id}"]
+    if cfg.capture.dir:  # relative to where the user ran the command, not the server's cwd
+        full.append(f"capture.dir={Path(cfg.capture.dir).expanduser().resolve()}")
     run.path.mkdir(parents=True, exist_ok=True)
     run.set_status("starting", pid=os.getpid())  # a resumed run's old status is not ours
     code, reason = _launch(app, full, cfg, run)

@@ -178,6 +178,36 @@ class ScreenConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    """Save what the server observes from chosen clients in chosen rounds, for audits.
+
+    Off by default (``rounds`` empty). ``rounds`` are absolute round numbers (a resumed
+    run keeps counting from its checkpoint); ``partitions`` are data partition ids
+    (``None``: every client); ``dir`` is where the observations go (``None``:
+    ``<run dir>/observations``). Layout and format: ``fedpeft.capture``. The files hold
+    clients' updates as received, so they are as sensitive as the updates themselves.
+    """
+
+    rounds: tuple[int, ...] = ()
+    partitions: tuple[int, ...] | None = None
+    dir: str | None = None
+
+    def validate(self) -> None:
+        bad = [r for r in self.rounds if r < 1]
+        if bad:
+            raise ConfigError(
+                f"capture.rounds must be round numbers >= 1 (round 1 is the first trained "
+                f"round; an empty list turns capture off), found {list(self.rounds)}")
+        if self.partitions is not None and any(p < 0 for p in self.partitions):
+            raise ConfigError(
+                f"capture.partitions must be partition ids >= 0 (null captures every "
+                f"client), found {list(self.partitions)}")
+        if self.dir is not None and not self.dir.strip():
+            raise ConfigError("capture.dir must be a directory path or null (default: "
+                              f"<run dir>/observations), found {self.dir!r}")
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """``name`` picks a registered strategy; ``params`` are its keyword arguments."""
 
@@ -199,11 +229,12 @@ class FedPeftConfig:
     privacy: Any = field(default_factory=NoPrivacyConfig)
     compression: Any = field(default_factory=CompressionConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     overrides: tuple[str, ...] = ()
 
 
 _TOP = {"model", "data", "method", "strategy", "privacy", "compression", "run", "eval", "sim",
-        "screen"}
+        "screen", "capture"}
 
 
 def default_config_dir() -> Path:
@@ -295,6 +326,7 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
         privacy=_privacy(raw.get("privacy")),
         compression=_compression(raw.get("compression")),
         screen=schema.build(ScreenConfig, raw.get("screen"), "screen"),
+        capture=schema.build(CaptureConfig, raw.get("capture"), "capture"),
         overrides=overrides,
     )
     check_compatibility(cfg)
@@ -347,3 +379,25 @@ def check_compatibility(cfg: FedPeftConfig) -> None:
                                      cfg.method)
     check_update_kind(cfg.compression, method)
     build_compressor(cfg.compression)
+    check_capture_rounds(cfg.capture, cfg.run)
+
+
+def check_capture_rounds(capture: CaptureConfig, run: RunConfig) -> None:
+    """Captured rounds must be rounds the run has (``1..run.num_rounds``)."""
+    late = sorted(r for r in capture.rounds if r > run.num_rounds)
+    if late:
+        raise ConfigError(
+            f"capture.rounds={list(capture.rounds)} names round(s) {late} after the last "
+            f"round (run.num_rounds={run.num_rounds}); use rounds 1..{run.num_rounds} or "
+            "raise run.num_rounds")
+
+
+def check_capture_partitions(capture: CaptureConfig, num_clients: int) -> None:
+    """With a known federation size, captured partitions must exist (``0..n-1``)."""
+    parts = capture.partitions or ()
+    missing = sorted(p for p in parts if p >= num_clients)
+    if missing:
+        raise ConfigError(
+            f"capture.partitions={list(parts)} names partition(s) {missing}, but the "
+            f"federation has {num_clients} clients (partition ids 0..{num_clients - 1}); "
+            "use ids below sim.num_clients or null for every client")

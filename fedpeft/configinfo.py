@@ -16,6 +16,7 @@ from typing import Any
 from fedpeft.compression import COMPRESSORS
 from fedpeft.config import (
     COMPONENT_PACKAGES,
+    CaptureConfig,
     EvalConfig,
     RunConfig,
     ScreenConfig,
@@ -30,7 +31,7 @@ from fedpeft.models import ModelConfig
 from fedpeft.privacy import PRIVACY
 
 _PLAIN = {"model": ModelConfig, "data": DataConfig, "run": RunConfig, "eval": EvalConfig,
-          "sim": SimConfig, "screen": ScreenConfig}
+          "sim": SimConfig, "screen": ScreenConfig, "capture": CaptureConfig}
 _COMPONENTS = ("model", "data", "method", "strategy", "privacy", "compression")
 _REGISTRIES = {"method": METHODS, "privacy": PRIVACY, "compression": COMPRESSORS}
 
@@ -44,7 +45,7 @@ def groups_text() -> str:
     """Overview: groups with their choices, top-level keys, the ``name:`` rule."""
     lines = ["Config groups (choose with group=<name>; set keys with group.key=value):"]
     lines += [f"  {g}: {', '.join(yaml_names(g))}" for g in _COMPONENTS]
-    lines += ["Run-level keys: run.*, eval.*, sim.*, screen.*",
+    lines += ["Run-level keys: run.*, eval.*, sim.*, screen.*, capture.*",
               "Every component YAML (configs/<group>/<name>.yaml) must contain `name:`, the",
               "registered component it configures. List a group's keys with",
               "`fedpeft config show <group>` (groups: "
@@ -97,4 +98,7 @@ def callable_option(tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    """``int``, ``tuple[int, ...]``: parametrised types keep their parameters."""
+    if typing.get_args(tp):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -10,8 +10,8 @@ any SuperLink, Ray worker or model load. In order:
    ``HF_HUB_OFFLINE=1``, else the hub;
 4. in a simulation: GPU shares against ``model.device`` and the GPUs this machine has;
 5. with a known federation size: node counts against the strategy (min nodes,
-   fractions, Krum/Bulyan bounds), then the partition itself, cut from the training
-   labels only, with each client's size.
+   fractions, Krum/Bulyan bounds) and the captured partition ids, then the partition
+   itself, cut from the training labels only, with each client's size.
 
 Each failure is a :class:`~fedpeft.errors.ConfigError` (or a not-found error) naming the
 key, the value found, what was expected and what would work.
@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedpeft.config import FedPeftConfig, compose, federation_checks
+from fedpeft.config import FedPeftConfig, check_capture_partitions, compose, federation_checks
 from fedpeft.data import DataConfig, load_task_data, partition_sizes
 from fedpeft.errors import ConfigError
 from fedpeft.models import check_available
@@ -143,9 +143,11 @@ def check_files(cfg: FedPeftConfig) -> None:
 
 
 def check_federation(cfg: FedPeftConfig, num_nodes: int) -> None:
-    """The strategy's node-count rules for ``num_nodes`` clients."""
+    """The strategy's node-count rules for ``num_nodes`` clients, and that the captured
+    partitions (``capture.partitions``) are among them."""
     for check in federation_checks():
         check(cfg.strategy.name, dict(cfg.strategy.params), num_nodes)
+    check_capture_partitions(cfg.capture, num_nodes)
 
 
 def check_partition(data: DataConfig, num_clients: int) -> list[int]:

@@ -91,11 +91,12 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
 
 def _strategy(cfg: FedPeftConfig, state: GlobalModel, start_round: int) -> Any:
     """The configured strategy, bound to the run: replay history on resume; for dense
-    strategies the decoding wrapper with its screen, codec, downlink and privacy; and the
-    privacy budget's admission rule."""
+    strategies the decoding wrapper with its screen, codec, downlink and privacy; the
+    privacy budget's admission rule; and the observer when ``capture.rounds`` is set."""
     from strategies import STRATEGIES, build_strategy
     from strategies.decoding import DecodingStrategy
     from strategies.downlink import Downlink
+    from strategies.observer import Observer
 
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.params)
     if hasattr(strategy, "bind_method"):  # replay strategies (FedKSeed, Ferret)
@@ -115,6 +116,10 @@ def _strategy(cfg: FedPeftConfig, state: GlobalModel, start_round: int) -> Any:
         strategy.enable_client_dp(cfg.privacy)
     strategy.admit = lambda nodes, rnd: state.privacy.admit(
         nodes, lambda node: _partition_of(strategy, str(node)), rnd)
+    if cfg.capture.rounds:
+        strategy.observer = Observer(cfg.capture, state.run.path)
+        log.info("fedpeft: capturing what the server observes in rounds %s under %s",
+                 sorted(cfg.capture.rounds), strategy.observer.root)
     return strategy
 
 

@@ -10,7 +10,9 @@ rejects a bad reply with a logged reason instead of crashing the round, rebuilds
 (``strategies.screening``) and hands the rest to the wrapped strategy. It also
 measures the exact serialized bytes of every message sent and received, and records who
 was left out of each round: every rejected reply and every update a robust strategy
-dropped (``strategies.exclusions``), with round, node and partition id.
+dropped (``strategies.exclusions``), with round, node and partition id. With ``capture:``
+on, an observer (``strategies.observer``) saves chosen replies as they arrived, before
+any decoding, with the global arrays the server held when it sent the round.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fedpeft.privacy.client import LEDGER_KEY
 from fedpeft.types import Exclusion
 from strategies import client_dp, exclusions, screening
 from strategies.downlink import Downlink
+from strategies.observer import Observer, flushes_observations
 
 log = logging.getLogger("fedpeft.strategy")
 REJECTED_BY = "decoder"  # ``by`` of replies refused before aggregation
@@ -163,6 +166,7 @@ class DecodingStrategy(Strategy):
         self.client_dp: Any = None  # ClientDPConfig when the run is private at client level
         self.compressor: Any = None  # the codec clients encode with (None: plain arrays)
         self.downlink: Downlink | None = None  # compressed broadcasts (None: full state)
+        self.observer: Observer | None = None  # saves what the server saw (None: off)
         self._expected = 0.0
         self._global: dict = {}
 
@@ -190,9 +194,17 @@ class DecodingStrategy(Strategy):
             messages, self._expected = client_dp.sample(messages, self.client_dp)
         if self.downlink is not None:
             messages = self.downlink.address(messages)
+        if self.observer is not None:  # the global state, even where deltas were sent
+            self.observer.sent(config["round"], messages, self._global)
         self.traffic = RoundTraffic.for_messages(messages)
         return messages
 
+    @property
+    def kind(self) -> str:
+        """What replies carry: ``dense`` tensor deltas or a ``compressed`` blob."""
+        return "dense" if self.compressor is None else "compressed"
+
+    @flushes_observations
     @records_aggregate_time
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -242,6 +254,8 @@ class DecodingStrategy(Strategy):
             if self.downlink is not None:
                 self.downlink.forget(node)
             return None
+        if self.observer is not None:  # as received: before anything decodes it
+            self.observer.observe(rnd, reply, pid, self.kind)
         self.traffic.bytes_up[node] = wire.message_bytes(reply)
         try:
             arrays, metrics = _split_reply(reply.content)

@@ -49,6 +49,8 @@ def check_projection(seed: np.ndarray, counts: np.ndarray, gammas: np.ndarray,
 class FerretStrategy(ReplayStrategy):
     """Coordinate-space averaging with a global learning rate; per-node catch-up."""
 
+    kind = "projected"
+
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, weighting: str = "equal",
                  global_lr: float = 10.0) -> None:

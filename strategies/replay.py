@@ -6,8 +6,10 @@ with Flower's ``sample_nodes``; each node receives the aggregates of the rounds 
 last synced (a new node, or one whose last reply failed, gets them all); replies are
 validated (bad ones are logged and skipped, the round goes on), weighted by
 ``num-examples`` (or equally), and folded into the round's aggregate, which
-``aggregate_train`` returns so the server replays it. Subclasses supply the method-specific
-parts: ``bind_method``, ``history_since``, ``parse`` and ``add_round``.
+``aggregate_train`` returns so the server replays it. With ``capture:`` on, an observer
+(``strategies.observer``) saves chosen replies as received with the arrays (history and
+extras) their node was sent. Subclasses supply the method-specific parts: ``kind``,
+``bind_method``, ``history_since``, ``parse`` and ``add_round``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedpeft import wire
 from fedpeft.errors import UpdateRejected
 from strategies.decoding import NodePartitions, RoundTraffic, admitted, records_aggregate_time
+from strategies.observer import Observer, flushes_observations
 
 log = logging.getLogger("fedpeft.strategy")
 STATE_FILE = "strategy-state.npz"
@@ -34,6 +37,8 @@ STATE_FILE = "strategy-state.npz"
 
 class ReplayStrategy(Strategy):
     """Sampling, per-node catch-up, validation and traffic accounting for replay methods."""
+
+    kind = "seed"  # what replies carry, in captured observations (``fedpeft.capture``)
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, weighting: str = "examples") -> None:
@@ -47,6 +52,7 @@ class ReplayStrategy(Strategy):
         self.partitions = NodePartitions()
         self.last_train_metrics: MetricRecord | None = None
         self.privacy_required = False  # set by the server when a client-side DP runs
+        self.observer: Observer | None = None  # saves what the server saw (None: off)
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -102,6 +108,8 @@ class ReplayStrategy(Strategy):
         rnd = server_round + self.round_offset
         nodes = admitted(self, list(nodes), rnd)
         messages = [self._message(n, rnd, config, extra) for n in nodes]
+        if self.observer is not None:
+            self.observer.sent(rnd, messages)
         self.traffic = RoundTraffic.for_messages(messages)
         return messages
 
@@ -114,6 +122,7 @@ class ReplayStrategy(Strategy):
                               wire.CONFIG_KEY: conf})
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
+    @flushes_observations
     @records_aggregate_time
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -145,6 +154,8 @@ class ReplayStrategy(Strategy):
             self.traffic.reject(rnd, str(node), pid, f"client error: {reply.error.reason}")
             self.synced.pop(node, None)  # resend the full history: its state may be lost
             return None
+        if self.observer is not None:  # as received: before anything parses it
+            self.observer.observe(rnd, reply, pid, self.kind)
         self.traffic.bytes_up[str(node)] = wire.message_bytes(reply)
         self.synced[node] = rnd - 1  # the node replayed up to rnd-1 before training
         try:
