@@ -53,7 +53,8 @@ def _reply(node: int, arrays: dict | ArrayRecord, n: int = 10, **metrics: float)
 
 
 def _failed(node: int) -> Message:
-    return Message(metadata=_meta(node), error=Error(code=0, reason="out of memory"))
+    reason = wire.failure_message(NODES[node], MemoryError("out of memory"))
+    return Message(metadata=_meta(node), error=Error(code=0, reason=reason))
 
 
 def _deltas(value: float, dtype: type = np.float32) -> dict[str, np.ndarray]:
@@ -104,18 +105,23 @@ def test_dense_captures_received_arrays_and_global_only_for_chosen_rounds_and_pa
 
 
 def test_rejected_replies_are_captured_with_the_reason_and_errors_are_not(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     strat = _dense(tmp_path, rounds=(1,))
     nan = _deltas(0.2)
     nan["w"][0, 0] = np.nan
 
-    _train_round(strat, 1, GLOBAL, [_reply(11, _deltas(0.1)), _reply(12, nan), _failed(13)])
+    with caplog.at_level(logging.WARNING, logger="fedpeft.strategy"):
+        _train_round(strat, 1, GLOBAL, [_reply(11, _deltas(0.1)), _reply(12, nan),
+                                        _failed(13)])
+        strat.observer.observe(1, _failed(13), 2, "dense")  # also when handed one directly
+        strat.observer.flush({})
 
     found = read_observations(tmp_path / "observations")
     assert [u.partition for u in found] == [0, 1]
     assert found[0].rejected is None and "NaN" in found[1].rejected
     assert np.array_equal(found[1].received["w"], nan["w"], equal_nan=True)
+    assert not [r for r in caplog.records if "capture" in r.message]  # skipped, not failed
 
 
 def test_resumed_runs_capture_absolute_rounds(tmp_path: Path) -> None:
@@ -137,19 +143,22 @@ def test_compressed_replies_are_captured_as_the_blob_and_global_as_the_servers_s
     strat = _dense(tmp_path, rounds=(2,), partitions=(1,), dir=str(tmp_path / "seen"))
     strat.compressor, strat.downlink = codec, Downlink(codec)
     blobs = {n: wire.encode_compressed(codec.encode(_deltas(0.1 * n))) for n in NODES}
-    arrays1, _ = _train_round(strat, 1, GLOBAL, [_reply(n, blobs[n]) for n in NODES])
+    held = {wire.DOWN_ROUND_KEY: 0}  # each node reports the broadcast round it holds
+    arrays1, _ = _train_round(strat, 1, GLOBAL, [_reply(n, blobs[n], **held) for n in NODES])
     global2 = wire.from_arrayrecord(arrays1)
 
-    _train_round(strat, 2, global2, [_reply(n, blobs[n], **{wire.DOWN_ROUND_KEY: 1})
-                                     for n in NODES])
+    sent = list(strat.configure_train(2, arrays1, ConfigRecord({"seed": 7}), _grid()))
+    strat.aggregate_train(2, [_reply(n, blobs[n], **{wire.DOWN_ROUND_KEY: 1}) for n in NODES])
 
     (only,) = read_observations(tmp_path / "seen")
     assert only.kind == "compressed" and only.partition == 1
     sent_blob = blobs[12][wire.COMPRESSED_KEY].numpy()
     assert only.received[wire.COMPRESSED_KEY].dtype == np.uint8
     assert np.array_equal(only.received[wire.COMPRESSED_KEY], sent_blob)
+    assert all(k.startswith("round-") for m in sent for k in m.content[wire.ARRAYS_KEY])
     for name, value in global2.items():  # the state, though the wire carried deltas
         assert np.array_equal(only.sent_global[name], value)
+    assert only.config[wire.DOWN_BASE_KEY] == 0
 
 
 def test_a_failing_disk_is_a_warning_and_the_round_goes_on(
