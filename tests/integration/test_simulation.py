@@ -1,4 +1,5 @@
-"""A real `flwr run` simulation (local SuperLink + Ray) on the tiny model, and resume."""
+"""A real `flwr run` simulation (local SuperLink + Ray) on the tiny model, and resume;
+the same run captures what the server observed and checks it is what FedAvg aggregated."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from fedpeft import cli, wire
+from fedpeft.capture import read_observations
 from fedpeft.config import compose
 from fedpeft.methods import build_method
 from fedpeft.models import load_causal_lm
@@ -24,7 +26,8 @@ def test_flwr_simulation_three_clients_two_rounds_then_resume(
     out = tmp_path / "runs"
     base = [*tiny_overrides(out, "sim"), "sim.num_clients=3", "sim.client_cpus=1"]
 
-    code = cli.main(["simulate", *base, "run.num_rounds=2", "--app", str(app_dir)])
+    code = cli.main(["simulate", *base, "run.num_rounds=2", "capture.rounds=[1,2]",
+                     "--app", str(app_dir)])
 
     assert code == 0
     run = RunDir(out / "sim")
@@ -40,12 +43,41 @@ def test_flwr_simulation_three_clients_two_rounds_then_resume(
 
     # Resume from the round-2 checkpoint and run one more round.
     code = cli.main(["simulate", *base, "run.num_rounds=3", f"run.resume={out / 'sim'}",
-                     "--app", str(app_dir)])
+                     "capture.rounds=[3]", "--app", str(app_dir)])
 
     assert code == 0
     assert [r["round"] for r in run.records()] == [0, 1, 2, 3]
     assert run.latest_checkpoint()[0] == 3
     _assert_checkpoint_loads_with_peft(run, base)
+    _assert_captures_are_what_fedavg_aggregated(run, rounds=3, clients=3)
+
+
+def _assert_captures_are_what_fedavg_aggregated(run: RunDir, rounds: int, clients: int) -> None:
+    """Round r's captured global plus the num-examples-weighted mean of its captured deltas
+    is the global the server sent in round r+1 and the adapter it checkpointed after r."""
+    from safetensors.numpy import load_file
+
+    found = read_observations(run.path / "observations")
+    assert [(u.round, u.partition) for u in found] == [
+        (r, p) for r in range(1, rounds + 1) for p in range(clients)]
+    sent = {u.round: u.sent_global for u in found}
+    for rnd in range(1, rounds + 1):
+        updates = [u for u in found if u.round == rnd]
+        assert all(u.kind == "dense" and u.rejected is None and u.config["round"] == rnd
+                   for u in updates)
+        weights = np.array([u.metrics[wire.NUM_EXAMPLES_KEY] for u in updates], np.float64)
+        assert len(set(weights)) > 1  # unequal sizes: weighting matters
+        glob = updates[0].sent_global
+        assert all(np.array_equal(u.sent_global[k], glob[k]) for u in updates for k in glob)
+        pairs = list(zip(weights / weights.sum(), updates, strict=True))
+        expected = {k: glob[k] + sum(w * u.received[k] for w, u in pairs) for k in glob}
+        ckpt = load_file(str(run.checkpoint_dir(rnd) / "adapter_model.safetensors"))
+        for after in (sent.get(rnd + 1), ckpt):
+            if after is None:
+                continue
+            assert sorted(after) == sorted(expected)
+            for k in expected:
+                np.testing.assert_allclose(after[k], expected[k], rtol=1e-6, atol=1e-8)
 
 
 def _assert_checkpoint_loads_with_peft(run: RunDir, overrides: list[str]) -> None:
