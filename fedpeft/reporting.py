@@ -7,6 +7,8 @@ Layout of ``<output_dir>/<run-id>/``::
     status.json        {"state": "starting" | "running" | "completed" | "failed" |
                         "interrupted", ...}
     checkpoints/round-0003/   the global trainable state after round 3 (method format)
+    observations/round-0003/  what the server saw of each captured client in round 3
+                              (only with ``capture.rounds``; format: ``fedpeft.capture``)
 
 ``status.json`` is what entry points check: ``flwr run`` can exit 0 when a run failed.
 """
