@@ -44,7 +44,9 @@ class AuditConfig:
 
     ``epsilons``: ``null`` = no DP, a number = DP-SGD with that target ε per client over
     the run; ``data``: a JSONL of records (``text`` + ``pii`` list) instead of the Faker
-    set; ``show_pii``: unmask PII in the report's examples.
+    set; ``show_pii``: unmask PII in the report's examples; ``canaries``: canaries of
+    the one-run membership audit per (method, privacy) pair (0 = off), trained for
+    ``canary_steps`` steps of ``canary_batch`` with ``canary_guesses`` guesses each way.
     """
 
     methods: list[str] = field(default_factory=lambda: ["lora"])
@@ -58,6 +60,10 @@ class AuditConfig:
     data: str | None = None
     seed: int = 0
     show_pii: bool = False
+    canaries: int = 100
+    canary_guesses: int = 10
+    canary_steps: int = 8
+    canary_batch: int = 8
     out: str = "audit"
     id: str | None = None
 
@@ -72,6 +78,9 @@ class AuditConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"audit.batch_sizes must be a non-empty list of integers >= 1, "
                               f"found {self.batch_sizes}")
+        if self.canaries and not 0 < 2 * self.canary_guesses <= self.canaries:
+            raise ConfigError(f"audit.canary_guesses must be in [1, canaries/2] "
+                              f"({self.canaries // 2}), found {self.canary_guesses}")
         if any(e is not None and not e > 0 for e in self.epsilons):
             raise ConfigError(f"audit.epsilons: each must be null (no DP) or > 0, found "
                               f"{self.epsilons}")
@@ -139,6 +148,7 @@ def run_overrides(cfg: AuditConfig, point: Point, data: Path, out: Path,
         "data=local", f"data.name={data}", "data.label_field=null",
         "data.response_field=response", f"data.test_size={_held_out(point.batch_size)}",
         "data.partition.type=iid", f"data.partition.seed={cfg.seed}",
+        "data.partition.min_partition_size=1",
         "data.max_input_tokens=16", "strategy=fedavg", *privacy,
         f"sim.num_clients={cfg.clients}", f"run.num_rounds={cfg.rounds}",
         f"capture.rounds=[{cfg.rounds}]", f"run.output_dir={out}",
@@ -169,16 +179,41 @@ def run_audit(overrides: list[str], app: Path) -> Path:
     cfg, extra = split_overrides(overrides)
     audit_id = cfg.id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     root = Path(cfg.out).expanduser().resolve() / audit_id
-    points, rows, examples = grid(cfg), [], []
+    points, rows, examples, canaries = grid(cfg), [], [], {}
     for i, point in enumerate(points, 1):
         _progress(f"[{i}/{len(points)}] {point.label}: federated run")
         run_dir = federated_run(cfg, point, root, extra, app)
         _progress(f"[{i}/{len(points)}] {point.label}: attacking the captured updates")
-        point_rows, point_examples = attack_run(cfg, point, run_dir, len(rows))
+        harness, point_rows, point_examples = attack_run(cfg, point, run_dir, len(rows))
         rows += point_rows
         examples += point_examples
+        key = (point.method, point.epsilon)
+        if cfg.canaries and key not in canaries:
+            _progress(f"[{i}/{len(points)}] {point.label}: canary membership audit")
+            canaries[key] = canary_row(cfg, point, harness)
     result = _result(cfg, audit_id, overrides, rows, examples)
+    result["canary"] = list(canaries.values())
     return write_audit_report(result, root, show_pii=cfg.show_pii)
+
+
+def canary_row(cfg: AuditConfig, point: Point, harness: Any) -> dict:
+    """The one-run canary audit with the run's method and privacy mechanism."""
+    import dataclasses
+
+    from attacks.membership import membership_audit
+    from fedpeft.methods import build_method
+
+    ctx = dataclasses.replace(harness.context())
+    ctx.method = build_method(harness.cfg.method.name, dataclasses.replace(
+        harness.cfg.method, local_steps=cfg.canary_steps, batch_size=cfg.canary_batch))
+    privacy = harness.cfg.privacy if point.epsilon is not None else None
+    res = membership_audit(ctx, cfg.canaries, cfg.canary_guesses, seed=cfg.seed,
+                           privacy=privacy)
+    return {"method": point.method, "privacy": "dpsgd" if privacy else _NO_DP,
+            "epsilon": res.epsilon, "epsilon_lower_bound": res.epsilon_lower_bound,
+            "num_canaries": res.num_canaries, "num_guesses": res.num_guesses,
+            "num_correct": res.num_correct, "tpr_at_0.1%_fpr": res.tpr_at_0_1_fpr,
+            "tpr_at_1%_fpr": res.tpr_at_1_fpr}
 
 
 def _progress(text: str) -> None:
@@ -200,7 +235,7 @@ def federated_run(cfg: AuditConfig, point: Point, root: Path, extra: list[str],
 
 
 def attack_run(cfg: AuditConfig, point: Point, run_dir: Path,
-               first_row: int) -> tuple[list[dict], list[dict]]:
+               first_row: int) -> tuple[Any, list[dict], list[dict]]:
     """Attack every captured observation of one run with every attack; table rows and
     up to two example reconstructions per row."""
     from attacks.harness import Harness
@@ -211,7 +246,7 @@ def attack_run(cfg: AuditConfig, point: Point, run_dir: Path,
         outcome = harness.attack(name, point.batch_size)
         rows.append(_row(point, cfg, harness, name, outcome))
         examples += [dict(e, row=first_row + len(rows) - 1) for e in outcome.examples[:2]]
-    return rows, examples
+    return harness, rows, examples
 
 
 def _row(point: Point, cfg: AuditConfig, harness: Any, attack: str, outcome: Any) -> dict:

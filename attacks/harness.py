@@ -38,11 +38,12 @@ class Harness:
     """Attack inputs of one run and the ground truth to score them."""
 
     def __init__(self, cfg: Any, observations: list[Observation],
-                 truths: dict[int, list[Record]], ledger: dict[str, Any]) -> None:
+                 truths: dict[int, list[Record]], ledger: dict[str, Any],
+                 noise_multiplier: float | None = None) -> None:
         self.cfg, self.observations, self.truths = cfg, observations, truths
         self.epsilon = _worst(ledger, "rdp")
         self.epsilon_prv = _worst(ledger, "prv")
-        self.noise_multiplier = _sigma(observations)
+        self.noise_multiplier = noise_multiplier
         self._ctx: AttackContext | None = None
 
     @classmethod
@@ -57,8 +58,9 @@ class Harness:
         if not captured:
             raise ConfigError(f"audit: run {run_dir} captured no client update; expected "
                               f"captures under {_capture_dir(cfg, run_dir)}")
-        observations = [observation(c, cfg) for c in captured]
-        return cls(cfg, observations, partition_truths(cfg, records), _ledger(run_dir))
+        observations = [observation(c, cfg) for c in captured if c.partition is not None]
+        return cls(cfg, observations, partition_truths(cfg, records), _ledger(run_dir),
+                   _sigma(captured))
 
     def context(self) -> AttackContext:
         """The public model with the client method's adapter, built once per run."""
@@ -151,8 +153,11 @@ def _worst(ledger: dict[str, Any], accountant: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _sigma(observations: list[Observation]) -> float | None:
-    return None  # filled from the capture metrics once read (dp_noise_multiplier)
+def _sigma(captured: list[Any]) -> float | None:
+    """The largest DP-SGD noise multiplier the clients reported (None without DP)."""
+    found = [float(c.metrics["dp_noise_multiplier"]) for c in captured
+             if isinstance(c.metrics.get("dp_noise_multiplier"), (int, float))]
+    return max(found) if found else None
 
 
 def _attack_cfg(name: str) -> Any:

@@ -1,0 +1,63 @@
+"""``fedpeft audit`` options: the grid, its validation, and the runs it asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attacks.audit import Point, grid, run_overrides, split_overrides, victim_records
+from attacks.victims import load_records
+from fedpeft.cli import main, plugin_commands
+from fedpeft.config import compose
+from fedpeft.errors import ConfigError
+
+
+def test_audit_keys_build_the_grid_and_the_rest_reach_the_runs() -> None:
+    cfg, rest = split_overrides(["audit.batch_sizes=[1,4,16]", "audit.epsilons=[null,3]",
+                                 "model=tiny-llama"])
+    assert rest == ["model=tiny-llama"]
+    points = grid(cfg)
+    assert len(points) == 6 and Point("lora", 16, 3.0, "identity") in points
+    assert {p.label for p in points} >= {"lora-b1-nodp-identity", "lora-b16-eps3-identity"}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("audit.batchsizes=[1]", "did you mean batch_sizes"),
+    ("audit.attacks=[dlg]", "valid"),
+    ("audit.epsilons=[0]", "null \\(no DP\\) or > 0"),
+    ("audit.batch_sizes=[]", "non-empty"),
+    ("audit.canary_guesses=80", "canary_guesses"),
+])
+def test_bad_audit_options_fail_early(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        split_overrides([override])
+
+
+def test_each_point_is_a_valid_fedpeft_run(tmp_path: Path) -> None:
+    cfg, _ = split_overrides(["audit.epsilons=[3]", "audit.codecs=[compeft]"])
+    point = grid(cfg)[0]
+    overrides = run_overrides(cfg, point, tmp_path / "d.jsonl", tmp_path, ["model=tiny-llama"])
+    run = compose(overrides)
+    assert (run.privacy.name, run.privacy.target_epsilon) == ("dpsgd", 3.0)
+    assert run.compression.name == "compeft" and tuple(run.capture.rounds) == (cfg.rounds,)
+    assert (run.method.batch_size, run.method.local_steps) == (point.batch_size, 1)
+
+
+def test_victims_fill_every_partition_and_user_data_is_checked(tmp_path: Path) -> None:
+    cfg, _ = split_overrides(["audit.clients=3"])
+    assert len(victim_records(cfg, 4)) == 3 * 4 + 4
+    bad = tmp_path / "v.jsonl"
+    bad.write_text('{"text": "Ann lives here", "pii": ["Bob"]}\n')
+    with pytest.raises(ConfigError, match="do not occur in the text"):
+        load_records(bad)
+    short, _ = split_overrides([f"audit.data={bad}"])
+    bad.write_text('{"text": "Ann lives here", "pii": ["Ann"]}\n')
+    with pytest.raises(ConfigError, match="need"):
+        victim_records(short, 1)
+
+
+def test_audit_is_a_fedpeft_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "audit" in plugin_commands()
+    assert main(["audit", "audit.bogus=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
