@@ -53,15 +53,9 @@ class Observer:
         ``arrays`` (the server's global arrays, the same for every node) or the arrays in
         its message. Replaces what was remembered for the previous round."""
         self._sent = {}
-        if rnd not in self.rounds:
-            return
-        for msg in messages:
-            content = msg.content
-            conf = content.config_records.get(wire.CONFIG_KEY)
-            own = content.array_records.get(wire.ARRAYS_KEY)
-            mine = arrays if arrays is not None else (
-                wire.from_arrayrecord(own) if own is not None else {})
-            self._sent[msg.metadata.dst_node_id] = (mine, dict(conf or {}))
+        if rnd in self.rounds:
+            self._sent = {m.metadata.dst_node_id: (_arrays(m) if arrays is None else arrays,
+                                                   _config(m)) for m in messages}
 
     def observe(self, rnd: int, reply: Message, partition: int | None, kind: str) -> None:
         """Keep ``reply`` as received if it is wanted (written by :meth:`flush`)."""
@@ -77,13 +71,11 @@ class Observer:
     def _capture(self, rnd: int, reply: Message, partition: int | None,
                  kind: str) -> CapturedUpdate:
         node = reply.metadata.src_node_id
-        arrays = reply.content.array_records.get(wire.ARRAYS_KEY)
-        metrics = reply.content.metric_records.get(wire.METRICS_KEY)
         sent, config = self._sent.get(node, ({}, {}))
-        return CapturedUpdate(
-            round=rnd, partition=partition, node=int(node), kind=kind,
-            received=wire.from_arrayrecord(arrays) if arrays is not None else {},
-            sent_global=dict(sent), metrics=dict(metrics or {}), config=config)
+        metrics = reply.content.metric_records.get(wire.METRICS_KEY)
+        return CapturedUpdate(round=rnd, partition=partition, node=int(node), kind=kind,
+                              received=_arrays(reply), sent_global=dict(sent),
+                              metrics=dict(metrics or {}), config=config)
 
     def flush(self, rejected: Mapping[str, str]) -> None:
         """Write the kept replies, each with its refusal reason from ``rejected``
@@ -97,6 +89,17 @@ class Observer:
                 log.warning("round %d: could not save the observation of partition %s "
                             "under %s: %s: %s", update.round, update.partition, self.root,
                             type(exc).__name__, exc)
+
+
+def _arrays(message: Message) -> dict[str, np.ndarray]:
+    """The arrays ``message`` carries (none if it has no ArrayRecord)."""
+    record = message.content.array_records.get(wire.ARRAYS_KEY)
+    return wire.from_arrayrecord(record) if record is not None else {}
+
+
+def _config(message: Message) -> dict[str, Any]:
+    """The train config ``message`` carries (empty if it has none)."""
+    return dict(message.content.config_records.get(wire.CONFIG_KEY) or {})
 
 
 def flushes_observations(aggregate_train: Callable[..., Any]) -> Callable[..., Any]:
