@@ -21,13 +21,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from attacks.victims import PROMPT, Record, faker_records, load_records, write_client_data
 from fedpeft.errors import ConfigError
 from fedpeft.schema import build, to_dict
+
+if TYPE_CHECKING:  # the booster pulls in torch; the CLI imports this module at startup
+    from attacks.boost import BoostConfig
 
 _NO_DP = "none"
 THREAT_MODEL = (
@@ -46,7 +49,9 @@ class AuditConfig:
     the run; ``data``: a JSONL of records (``text`` + ``pii`` list) instead of the Faker
     set; ``show_pii``: unmask PII in the report's examples; ``canaries``: canaries of
     the one-run membership audit per (method, privacy) pair (0 = off), trained for
-    ``canary_steps`` steps of ``canary_batch`` with ``canary_guesses`` guesses each way.
+    ``canary_steps`` steps of ``canary_batch`` with ``canary_guesses`` guesses each way;
+    ``boost``: the server distributes a base model it first pre-trained for
+    ``boost_steps`` steps on ReCIT's "Personal Notes" (:mod:`attacks.boost`).
     """
 
     methods: list[str] = field(default_factory=lambda: ["lora"])
@@ -66,13 +71,15 @@ class AuditConfig:
     canary_batch: int = 8
     out: str = "audit"
     id: str | None = None
+    boost: bool = False
+    boost_steps: int = 60
 
     def validate(self) -> None:
         from attacks.base import ATTACKS
 
         for name in self.attacks:
             ATTACKS.get(name)
-        for key in ("clients", "rounds", "local_steps"):
+        for key in ("clients", "rounds", "local_steps", "boost_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"audit.{key} must be >= 1, found {getattr(self, key)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -137,6 +144,35 @@ def _held_out(batch_size: int) -> int:
     return max(2, batch_size)
 
 
+def boost_config(cfg: AuditConfig) -> BoostConfig:
+    """The booster's options: ``boost_steps`` steps, records from the audit's seed offset
+    far from the victims' (see :func:`attacks.boost.boost_records`)."""
+    from attacks.boost import BoostConfig
+
+    return BoostConfig(steps=cfg.boost_steps, seed=cfg.seed)
+
+
+def boosted_overrides(extra: list[str], model_dir: Path | None) -> list[str]:
+    """Every run's extra overrides, loading the distributed base from ``model_dir`` when
+    the server boosted it. They come after the user's, so they win over a ``model=``
+    choice while the user's ``model.dtype``/``model.device`` still apply."""
+    if model_dir is None:
+        return list(extra)
+    return [*extra, "model=hf", f"model.name={model_dir}"]
+
+
+def boosted_model(cfg: AuditConfig, extra: list[str]) -> Path | None:
+    """The boosted copy of the runs' base model (built once, then cached), or None when
+    ``audit.boost`` is off."""
+    if not cfg.boost:
+        return None
+    from attacks.boost import boost
+    from fedpeft.config import compose
+
+    _progress(f"Personal Notes pre-training of the base model ({cfg.boost_steps} steps)")
+    return boost(compose(extra).model, boost_config(cfg))
+
+
 def run_overrides(cfg: AuditConfig, point: Point, data: Path, out: Path,
                   extra: list[str]) -> list[str]:
     """The ``fedpeft simulate`` overrides of one grid point."""
@@ -177,6 +213,8 @@ def run_audit(overrides: list[str], app: Path) -> Path:
     from attacks.report import write_audit_report
 
     cfg, extra = split_overrides(overrides)
+    model_dir = boosted_model(cfg, extra)
+    extra = boosted_overrides(extra, model_dir)
     audit_id = cfg.id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     root = Path(cfg.out).expanduser().resolve() / audit_id
     points, rows, examples, canaries = grid(cfg), [], [], {}
@@ -193,6 +231,7 @@ def run_audit(overrides: list[str], app: Path) -> Path:
             canaries[key] = canary_row(cfg, point, harness)
     result = _result(cfg, audit_id, overrides, rows, examples)
     result["canary"] = list(canaries.values())
+    result["config"]["boosted_model"] = str(model_dir) if model_dir else None
     return write_audit_report(result, root, show_pii=cfg.show_pii)
 
 

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from attacks.audit import Point, grid, run_overrides, split_overrides, victim_records
+from attacks.audit import (
+    Point,
+    boost_config,
+    boosted_overrides,
+    grid,
+    run_overrides,
+    split_overrides,
+    victim_records,
+)
 from attacks.victims import load_records
 from fedpeft.cli import main, plugin_commands
 from fedpeft.config import compose
@@ -28,6 +36,7 @@ def test_audit_keys_build_the_grid_and_the_rest_reach_the_runs() -> None:
     ("audit.epsilons=[0]", "null \\(no DP\\) or > 0"),
     ("audit.batch_sizes=[]", "non-empty"),
     ("audit.canary_guesses=80", "canary_guesses"),
+    ("audit.boost_steps=0", "boost_steps must be >= 1"),
 ])
 def test_bad_audit_options_fail_early(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -61,3 +70,47 @@ def test_audit_is_a_fedpeft_subcommand(capsys: pytest.CaptureFixture[str]) -> No
     assert "audit" in plugin_commands()
     assert main(["audit", "audit.bogus=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
+
+
+def test_boost_makes_every_run_load_the_boosted_model(tmp_path: Path) -> None:
+    cfg, extra = split_overrides(["audit.boost=true", "audit.boost_steps=7", "model=hf",
+                                  "model.name=org/base", "model.device=cpu",
+                                  "model.dtype=bfloat16"])
+    assert (cfg.boost, boost_config(cfg).steps, boost_config(cfg).seed) == (True, 7, cfg.seed)
+    assert boosted_overrides(extra, None) == extra
+    model_dir = tmp_path / "boosted"
+    model_dir.mkdir()
+    overrides = run_overrides(cfg, grid(cfg)[0], tmp_path / "d.jsonl", tmp_path,
+                              boosted_overrides(extra, model_dir))
+    model = compose(overrides).model
+    assert (model.name, model.device, model.dtype) == (str(model_dir), "cpu", "bfloat16")
+
+
+class _Stop(Exception):
+    """Raised by a stand-in federated run to end the audit early."""
+
+
+def test_run_audit_boosts_the_runs_base_once(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import attacks.audit as audit
+    import attacks.boost
+
+    built: list[tuple] = []
+    runs: list[list[str]] = []
+
+    def fake_boost(model_cfg: object, cfg: object) -> Path:
+        built.append((model_cfg, cfg))
+        return tmp_path / "boosted"
+
+    def stop(cfg: object, point: object, root: Path, extra: list[str], app: Path) -> Path:
+        runs.append(extra)
+        raise _Stop  # before any real run
+
+    monkeypatch.setattr(attacks.boost, "boost", fake_boost)
+    monkeypatch.setattr(audit, "federated_run", stop)
+    with pytest.raises(_Stop):
+        audit.run_audit(["audit.boost=true", "audit.boost_steps=3", "model=tiny-llama",
+                         f"audit.out={tmp_path}"], tmp_path)
+    ((model_cfg, boost_cfg),) = built
+    assert (model_cfg.name, boost_cfg.steps) == ("tiny-llama", 3)
+    assert runs == [["model=tiny-llama", "model=hf", f"model.name={tmp_path / 'boosted'}"]]
