@@ -8,8 +8,9 @@ probability 1/2 (independently). The client trains once, with the configured met
 privacy mechanism, exactly as in a round (the method's own ``train``). The auditor sees
 only the resulting update: it scores every canary by how well its gradient (at the
 state the client started from) aligns with the update, guesses "member" for the top
-scores and "non-member" for the bottom ones, and :func:`attacks.canary.audit` turns the number of correct guesses into a lower bound
-on ε that holds with the stated confidence. The accountant's ε for the same training
+scores and "non-member" for the bottom ones, and :func:`attacks.canary.audit` turns
+the number of correct guesses into a lower bound on ε that holds with the stated
+confidence. The accountant's ε for the same training
 comes from the privacy ledger; a lower bound above it would be a bug in the mechanism or
 the accountant, and is reported as such.
 """
