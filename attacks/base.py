@@ -65,12 +65,14 @@ class Attack(ABC):
 
     Class attributes: ``name`` (registry name, ``configs/attack/<name>.yaml``),
     ``config_cls`` (frozen dataclass of options), ``kinds`` (update kinds it can use;
-    on any other kind it recovers nothing, which the audit reports as measured).
+    on any other kind it recovers nothing, which the audit reports as measured),
+    ``max_observations`` (the audit attacks at most this many observations per run).
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
     kinds: ClassVar[tuple[str, ...]] = ("dense", "compressed")
+    max_observations: ClassVar[int | None] = None  # slow attacks: the audit runs a few
 
     def __init__(self, cfg: Any, ctx: AttackContext) -> None:
         self.cfg, self.ctx = cfg, ctx

@@ -78,9 +78,10 @@ class Harness:
     def attack(self, name: str, batch_size: int) -> Outcome:
         """Run attack ``name`` on every observation; score against each partition."""
         ctx = self.context()
-        attack = ATTACKS.get(name)(_attack_cfg(name), ctx)
+        cls = ATTACKS.get(name)
+        attack = cls(attack_config(name), ctx)
         t0, samples, examples = time.perf_counter(), [], []
-        for obs in self.observations:
+        for obs in self.observations[:cls.max_observations]:
             recons = attack.run(obs, batch_size)
             truths = [truth(ctx.tokenizer, r) for r in self.truths[obs.partition]]
             samples += score_batch(recons, truths)
@@ -160,7 +161,13 @@ def _sigma(captured: list[Any]) -> float | None:
     return max(found) if found else None
 
 
-def _attack_cfg(name: str) -> Any:
+def attack_config(name: str, config_dir: Path | None = None) -> Any:
+    """Attack ``name``'s options from ``configs/attack/<name>.yaml`` (defaults if absent)."""
+    import yaml
+
+    from fedpeft.config import default_config_dir
     from fedpeft.schema import build
 
-    return build(ATTACKS.get(name).config_cls, {"name": name}, f"attack {name}")
+    path = (config_dir or default_config_dir()) / "attack" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else {"name": name}
+    return build(ATTACKS.get(name).config_cls, raw, f"attack {name}")

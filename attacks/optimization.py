@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import ATTACKS, Attack, AttackContext, Observation, Reconstruction
-from attacks.recit import _decoded, prompt_ids
+from attacks.recit import decoded, prompt_ids
 from fedpeft.errors import ConfigError
 
 SPACES = ("sign", "raw")
@@ -122,11 +122,12 @@ class TagAttack(Attack):
     name = "tag"
     config_cls = TagConfig
     kinds = ("dense", "compressed")
+    max_observations = 2  # minutes per batch on a CPU: the audit runs it on a few
 
     def reconstruct(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
         x, _ = self.optimise(obs, batch_size)
         ids = nearest_tokens(x, self.ctx.model.get_input_embeddings().weight)
-        return [_decoded(self.ctx, row) for row in ids]
+        return [decoded(self.ctx, row) for row in ids]
 
     def optimise(self, obs: Observation, batch_size: int) -> tuple[torch.Tensor, list[float]]:
         """The best dummy embeddings (B x length x H) and the matching loss per step.

@@ -141,10 +141,10 @@ def generate(ctx: AttackContext, n: int, beams: int, max_new: int,
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
             num_beams=max(beams, n), num_return_sequences=n, do_sample=False,
             logits_processor=processors, pad_token_id=pad)
-    return [_decoded(ctx, row[ids.shape[1]:]) for row in out]
+    return [decoded(ctx, row[ids.shape[1]:]) for row in out]
 
 
-def _decoded(ctx: AttackContext, ids: torch.Tensor) -> Reconstruction:
+def decoded(ctx: AttackContext, ids: torch.Tensor) -> Reconstruction:
     keep = [int(t) for t in ids if int(t) not in ctx.tokenizer.all_special_ids]
     text = ctx.tokenizer.decode(keep, skip_special_tokens=True).strip()
     return Reconstruction(text=text, token_ids=tuple(keep))
