@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the booster pulls in torch; the CLI imports this module at 
     from attacks.boost import BoostConfig
 
 _NO_DP = "none"
+_STRATEGIES = {"fedkseed": "fedkseed", "ferret": "ferret"}  # seed methods need their own
 THREAT_MODEL = (
     "A malicious server that (a) distributes the base model and the global adapter state "
     "and (b) observes each sampled client's upload for one round, after the client's codec "
@@ -185,7 +186,8 @@ def run_overrides(cfg: AuditConfig, point: Point, data: Path, out: Path,
         "data.response_field=response", f"data.test_size={_held_out(point.batch_size)}",
         "data.partition.type=iid", f"data.partition.seed={cfg.seed}",
         "data.partition.min_partition_size=1",
-        "data.max_input_tokens=16", "strategy=fedavg", *privacy,
+        "data.max_input_tokens=16", f"strategy={_STRATEGIES.get(point.method, 'fedavg')}",
+        *privacy,
         f"sim.num_clients={cfg.clients}", f"run.num_rounds={cfg.rounds}",
         f"capture.rounds=[{cfg.rounds}]", f"run.output_dir={out}",
         f"run.run_id={point.label}", "run.checkpoint=false", "eval.max_examples=2",

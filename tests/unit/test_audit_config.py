@@ -53,6 +53,13 @@ def test_each_point_is_a_valid_fedpeft_run(tmp_path: Path) -> None:
     assert (run.method.batch_size, run.method.local_steps) == (point.batch_size, 1)
 
 
+@pytest.mark.parametrize("method", ["fedkseed", "ferret"])
+def test_seed_methods_get_their_own_strategy(tmp_path: Path, method: str) -> None:
+    cfg, _ = split_overrides([f"audit.methods=[{method}]", "audit.epsilons=[null]"])
+    run = compose(run_overrides(cfg, grid(cfg)[0], tmp_path / "d.jsonl", tmp_path, []))
+    assert (run.method.name, run.strategy.name) == (method, method)
+
+
 def test_victims_fill_every_partition_and_user_data_is_checked(tmp_path: Path) -> None:
     cfg, _ = split_overrides(["audit.clients=3"])
     assert len(victim_records(cfg, 4)) == 3 * 4 + 4
