@@ -8,18 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import attacks
 from attacks.base import ATTACKS, AttackContext, Observation
 from attacks.metrics import Truth, score_batch
 from attacks.recit import RecitAttack, RecitConfig, first_layer_rows, matching_pursuit
-from attacks.victims import PROMPT, faker_records
-from fedpeft.data import DataConfig, collate, encode_example
+from attacks.victims import faker_records
 from fedpeft.errors import ConfigError
-from fedpeft.methods.lora import LoraConfig, LoraMethod
-from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
 from fedpeft.schema import build
+from tests.unit.attack_setup import client_update, round_two_state, tiny_context
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "attack"
 
@@ -66,39 +63,18 @@ def test_first_layer_rows_ignores_zero_and_foreign_tensors() -> None:
 
 @pytest.fixture(scope="module")
 def tiny() -> AttackContext:
-    cfg = ModelConfig(name="tiny-llama", device="cpu")
-    method = LoraMethod(LoraConfig(local_steps=1, batch_size=4))
-    model = method.attach(load_causal_lm(cfg), seed=0)
-    return AttackContext(model=model, tokenizer=get_tokenizer(cfg), method=method,
-                         prompt=PROMPT)
-
-
-def _update(ctx: AttackContext, state: dict, texts: list[str]) -> dict[str, np.ndarray]:
-    """One AdamW step of the lora method on ``texts``, as a client takes it."""
-    dcfg = DataConfig(name="x", label_field=None, max_input_tokens=16)
-    batch = collate([encode_example(ctx.tokenizer, PROMPT, t, [], dcfg) for t in texts],
-                    ctx.tokenizer.pad_token_id)
-    ctx.method.set_state(ctx.model, state)
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    ctx.model.eval()  # no dropout: the two orders must see the same examples' gradients
-    ctx.model(**batch).loss.backward()
-    opt.step()
-    return {k: v - state[k] for k, v in ctx.method.get_state(ctx.model).items()}
+    return tiny_context(batch_size=4)
 
 
 def test_shuffled_batch_scores_the_same(tiny: AttackContext) -> None:
     records = faker_records(4, seed=3)
-    start = tiny.method.get_state(tiny.model)
-    rng = np.random.default_rng(1)  # a global state with nonzero LoRA-B, as after round 1
-    state = {k: (rng.standard_normal(v.shape).astype(np.float32) * 0.1 if "lora_B" in k
-                 else v) for k, v in start.items()}
+    state = round_two_state(tiny)
     attack = RecitAttack(RecitConfig(max_new_tokens=12, beams=2), tiny)
     truths = [Truth(text=r.text, token_ids=tuple(tiny.tokenizer(" " + r.text)["input_ids"]),
                     pii=r.pii) for r in records]
     seen = []
     for order in ([0, 1, 2, 3], [2, 0, 3, 1]):
-        update = _update(tiny, state, [records[i].text for i in order])
+        update = client_update(tiny, state, [records[i].text for i in order])
         obs = Observation(round=2, partition=0, kind="dense", update=update,
                           sent_global=state, num_examples=4)
         bag = attack.candidates(obs, 4)

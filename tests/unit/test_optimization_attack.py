@@ -14,28 +14,20 @@ from attacks.recit import prompt_ids
 from attacks.victims import PROMPT, faker_records
 from fedpeft.data import DataConfig, encode_example
 from fedpeft.errors import ConfigError
-from fedpeft.methods.lora import LoraConfig, LoraMethod
-from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
-from tests.unit.test_attacks import _update
+from tests.unit.attack_setup import client_update, round_two_state, tiny_context
 
 
 @pytest.fixture(scope="module")
 def tiny() -> AttackContext:
-    cfg = ModelConfig(name="tiny-llama", device="cpu")
-    method = LoraMethod(LoraConfig(local_steps=1, batch_size=1))
-    model = method.attach(load_causal_lm(cfg), seed=0)
-    return AttackContext(model=model, tokenizer=get_tokenizer(cfg), method=method,
-                         prompt=PROMPT)
+    return tiny_context(batch_size=1)
 
 
 @pytest.fixture(scope="module")
 def observed(tiny: AttackContext) -> tuple[Observation, str]:
     """A round-2 observation (nonzero LoRA-B) of one client's step on one record."""
-    rng = np.random.default_rng(1)
-    state = {k: (rng.standard_normal(v.shape).astype(np.float32) * 0.1 if "lora_B" in k
-                 else v) for k, v in tiny.method.get_state(tiny.model).items()}
+    state = round_two_state(tiny)
     text = faker_records(1, seed=3)[0].text
-    update = _update(tiny, state, [text])
+    update = client_update(tiny, state, [text])
     obs = Observation(round=2, partition=0, kind="dense", update=update, sent_global=state,
                       num_examples=1)
     return obs, text
