@@ -219,7 +219,7 @@ def run_audit(overrides: list[str], app: Path) -> Path:
     extra = boosted_overrides(extra, model_dir)
     audit_id = cfg.id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     root = Path(cfg.out).expanduser().resolve() / audit_id
-    points, rows, examples, canaries = grid(cfg), [], [], {}
+    points, rows, examples, canaries, delta = grid(cfg), [], [], {}, 1e-5
     for i, point in enumerate(points, 1):
         _progress(f"[{i}/{len(points)}] {point.label}: federated run")
         run_dir = federated_run(cfg, point, root, extra, app)
@@ -227,11 +227,12 @@ def run_audit(overrides: list[str], app: Path) -> Path:
         harness, point_rows, point_examples = attack_run(cfg, point, run_dir, len(rows))
         rows += point_rows
         examples += point_examples
+        delta = harness.delta
         key = (point.method, point.epsilon)
         if cfg.canaries and key not in canaries:
             _progress(f"[{i}/{len(points)}] {point.label}: canary membership audit")
             canaries[key] = canary_row(cfg, point, harness)
-    result = _result(cfg, audit_id, overrides, rows, examples)
+    result = _result(cfg, audit_id, overrides, rows, examples, delta)
     result["canary"] = list(canaries.values())
     result["config"]["boosted_model"] = str(model_dir) if model_dir else None
     return write_audit_report(result, root, show_pii=cfg.show_pii)
@@ -300,12 +301,12 @@ def _row(point: Point, cfg: AuditConfig, harness: Any, attack: str, outcome: Any
 
 
 def _result(cfg: AuditConfig, audit_id: str, overrides: list[str], rows: list[dict],
-            examples: list[dict]) -> dict:
+            examples: list[dict], delta: float) -> dict:
     return {
         "id": audit_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "title": f"fedpeft privacy audit {audit_id}", "threat_model": THREAT_MODEL,
         "config": {"overrides": overrides, "audit": to_dict(cfg), "prompt": PROMPT},
-        "accountant": {"name": "rdp (Opacus), prv beside it", "delta": 1e-5,
+        "accountant": {"name": "rdp (Opacus), prv beside it", "delta": delta,
                        "notes": "ε per client over all rounds, from the run's ledger "
                                 "(the worst client); sample-level DP-SGD"},
         "rows": rows, "examples": examples, "canary": [],

@@ -41,6 +41,7 @@ class Harness:
                  truths: dict[int, list[Record]], ledger: dict[str, Any],
                  noise_multiplier: float | None = None) -> None:
         self.cfg, self.observations, self.truths = cfg, observations, truths
+        self.delta = run_delta(cfg)
         self.epsilon = _worst(ledger, "rdp")
         self.epsilon_prv = _worst(ledger, "prv")
         self.noise_multiplier = noise_multiplier
@@ -59,18 +60,17 @@ class Harness:
             raise ConfigError(f"audit: run {run_dir} captured no client update; expected "
                               f"captures under {_capture_dir(cfg, run_dir)}")
         observations = [observation(c, cfg) for c in captured if c.partition is not None]
-        return cls(cfg, observations, partition_truths(cfg, records), _ledger(run_dir),
-                   _sigma(captured))
+        return cls(cfg, observations, partition_truths(cfg, records),
+                   _ledger(run_dir, run_delta(cfg)), _sigma(captured))
 
     def context(self) -> AttackContext:
         """The public model with the client method's adapter, built once per run."""
         if self._ctx is None:
             from fedpeft.methods import build_method, build_model
+            from fedpeft.models import get_tokenizer
 
             method = build_method(self.cfg.method.name, self.cfg.method)
             model = build_model(method, self.cfg.model, seed=self.cfg.run.seed)
-            from fedpeft.models import get_tokenizer
-
             self._ctx = AttackContext(model=model, tokenizer=get_tokenizer(self.cfg.model),
                                       method=method, prompt=PROMPT)
         return self._ctx
@@ -139,13 +139,18 @@ def _capture_dir(cfg: Any, run_dir: Path) -> Path:
     return Path(cfg.capture.dir) if cfg.capture.dir else run_dir / "observations"
 
 
-def _ledger(run_dir: Path) -> dict[str, Any]:
+def run_delta(cfg: Any) -> float:
+    """The δ the run's privacy mechanism accounts at (1e-5 when the run is not private)."""
+    return float(getattr(cfg.privacy, "delta", None) or 1e-5)
+
+
+def _ledger(run_dir: Path, delta: float) -> dict[str, Any]:
     from fedpeft.privacy.accounting import PrivacyLedger
 
     path = run_dir / "privacy.json"
     if not path.is_file():
         return {}
-    return PrivacyLedger.load(path).summary(1e-5)
+    return PrivacyLedger.load(path).summary(delta)
 
 
 def _worst(ledger: dict[str, Any], accountant: str) -> float | None:

@@ -70,9 +70,10 @@ def membership_audit(ctx: AttackContext, m: int, guesses: int, *, seed: int,
     result = ctx.method.train(ctx.model, [e for e, i in zip(encoded, included, strict=True)
                                           if i], train)
     scores = alignment(ctx, encoded, start, result.update.deltas)
-    audit = canary_audit(scores, included, guesses, guesses, delta=1e-5, confidence=0.95)
+    delta = float(getattr(privacy, "delta", None) or 1e-5)
+    audit = canary_audit(scores, included, guesses, guesses, delta=delta, confidence=0.95)
     return MembershipResult(
-        epsilon=_accountant_epsilon(result.metrics),
+        epsilon=_accountant_epsilon(result.metrics, delta),
         epsilon_lower_bound=audit.epsilon_lower_bound,
         num_canaries=m, num_guesses=audit.num_guesses, num_correct=audit.num_correct,
         tpr_at_0_1_fpr=audit.tpr_at_0_1pct_fpr, tpr_at_1_fpr=audit.tpr_at_1pct_fpr)
@@ -122,8 +123,8 @@ def _pad(ctx: AttackContext) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
-def _accountant_epsilon(metrics: Any) -> float | None:
-    """ε (RDP, δ=1e-5) of the privacy event the training reported; None without DP."""
+def _accountant_epsilon(metrics: Any, delta: float) -> float | None:
+    """ε (RDP, at ``delta``) of the privacy event the training reported; None without DP."""
     from fedpeft.privacy.accounting import PrivacyLedger, event_from_metrics
 
     event = event_from_metrics(metrics)
@@ -131,4 +132,4 @@ def _accountant_epsilon(metrics: Any) -> float | None:
         return None
     ledger = PrivacyLedger()
     ledger.record("0", event, 1)
-    return ledger.epsilon("0", 1e-5, "rdp")
+    return ledger.epsilon("0", delta, "rdp")
