@@ -38,8 +38,10 @@ THREAT_MODEL = (
     "A malicious server that (a) distributes the base model and the global adapter state "
     "and (b) observes each sampled client's upload for one round, after the client's codec "
     "and privacy mechanism, exactly as the fedpeft strategy receives it. It knows every "
-    "hyperparameter it configured (method, learning rate, local steps, batch size, prompt "
-    "template). It never sees client data; ground truth is used only to score the attack.")
+    "hyperparameter it configured (method, adapter rank and dropout, optimizer, learning "
+    "rate, local steps, batch size, prompt template), and may choose them to help the "
+    "attack (a LoRA rank above the batch's token count, no adapter dropout). It never sees "
+    "client data; ground truth is used only to score the attack.")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,11 @@ class AuditConfig:
     the one-run membership audit per (method, privacy) pair (0 = off), trained for
     ``canary_steps`` steps of ``canary_batch`` with ``canary_guesses`` guesses each way;
     ``boost``: the server distributes a base model it first pre-trained for
-    ``boost_steps`` steps on ReCIT's "Personal Notes" (:mod:`attacks.boost`).
+    ``boost_steps`` steps on ReCIT's "Personal Notes" (:mod:`attacks.boost`);
+    ``optimizer``: the lora clients' local optimizer (``sgd`` with ``local_steps: 1`` is
+    FedSGD, the worst case; ``adamw`` is the default of ``method=lora``);
+    ``lora_rank``: the LoRA rank the (malicious) server configures, without adapter
+    dropout (null keeps the method's own adapter settings).
     """
 
     methods: list[str] = field(default_factory=lambda: ["lora"])
@@ -74,6 +80,8 @@ class AuditConfig:
     id: str | None = None
     boost: bool = False
     boost_steps: int = 60
+    optimizer: str = "sgd"
+    lora_rank: int | None = 64
 
     def validate(self) -> None:
         from attacks.base import ATTACKS
@@ -89,6 +97,8 @@ class AuditConfig:
         if self.canaries and not 0 < 2 * self.canary_guesses <= self.canaries:
             raise ConfigError(f"audit.canary_guesses must be in [1, canaries/2] "
                               f"({self.canaries // 2}), found {self.canary_guesses}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ConfigError(f"audit.lora_rank must be null or >= 1, found {self.lora_rank}")
         if any(e is not None and not e > 0 for e in self.epsilons):
             raise ConfigError(f"audit.epsilons: each must be null (no DP) or > 0, found "
                               f"{self.epsilons}")
@@ -188,10 +198,21 @@ def run_overrides(cfg: AuditConfig, point: Point, data: Path, out: Path,
         "data.partition.min_partition_size=1",
         "data.max_input_tokens=16", f"strategy={_STRATEGIES.get(point.method, 'fedavg')}",
         *privacy,
+        *_lora_overrides(cfg, point.method),
         f"sim.num_clients={cfg.clients}", f"run.num_rounds={cfg.rounds}",
         f"capture.rounds=[{cfg.rounds}]", f"run.output_dir={out}",
         f"run.run_id={point.label}", "run.checkpoint=false", "eval.max_examples=2",
         *extra]
+
+
+def _lora_overrides(cfg: AuditConfig, method: str) -> list[str]:
+    """The lora clients' optimizer and the server's adapter choice (other methods: none)."""
+    if method != "lora":
+        return []
+    rank = [] if cfg.lora_rank is None else [
+        f"method.adapter.r={cfg.lora_rank}", f"method.adapter.lora_alpha={2 * cfg.lora_rank}",
+        "method.adapter.lora_dropout=0.0"]
+    return [f"method.optimizer={cfg.optimizer}", *rank]
 
 
 def command(argv: list[str] | None = None) -> int:

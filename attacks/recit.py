@@ -5,6 +5,10 @@ Parameter-Efficient Fine-Tuning of Large Language Models", 2025, arXiv 2504.2057
 No public code exists; this follows the paper's three stages on what a fedpeft server
 observes:
 
+0. **Exact recovery** (:mod:`attacks.span`): when the update is a plain-SGD step
+   (FedSGD) and the adapter rank exceeds the batch's tokens, the layer-0 span test gives
+   the batch's tokens exactly and a layer-1 span test orders them into the batch's
+   sequences. Whatever it recovers is returned as is; the stages below fill the rest.
 1. **Candidate tokens** from the first layer's adapter tensors. The query/key/value
    projections of layer 0 all read ``norm(embedding(token))``, so every row of their
    LoRA-A gradient is a combination of the batch's token vectors. AdamW's first step
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from attacks import span
 from attacks.base import ATTACKS, Attack, AttackContext, Observation, Reconstruction
 from fedpeft.errors import ConfigError
 
@@ -42,7 +47,10 @@ class RecitConfig:
 
     bag_per_record: candidate tokens picked per batch record; replay_scale: factor on
     the observed update when it is applied to the model; bonus: logit added to candidate
-    tokens during beam search; beams: beam width; max_new_tokens: reconstruction length.
+    tokens during beam search; beams: beam width; max_new_tokens: reconstruction length;
+    span_tol: largest span distance (relative, 0..1) a token or prefix may have to pass
+    the exact test; span_width: live prefixes in its ordering beam; span_max_len: longest
+    sequence it grows (prompt included).
     """
 
     name: str = "recit"
@@ -51,9 +59,15 @@ class RecitConfig:
     bonus: float = 4.0
     beams: int = 4
     max_new_tokens: int = 48
+    span_tol: float = 1e-3
+    span_width: int = 64
+    span_max_len: int = 160
 
     def validate(self) -> None:
-        for key in ("bag_per_record", "beams", "max_new_tokens"):
+        if not 0 < self.span_tol < 1:
+            raise ConfigError(f"attack.span_tol must be in (0, 1), found {self.span_tol}")
+        for key in ("bag_per_record", "beams", "max_new_tokens", "span_width",
+                    "span_max_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"attack.{key} must be >= 1, found {getattr(self, key)}")
         if self.replay_scale < 0 or self.bonus < 0:
@@ -152,22 +166,52 @@ def decoded(ctx: AttackContext, ids: torch.Tensor) -> Reconstruction:
 
 @ATTACKS.register("recit")
 class RecitAttack(Attack):
-    """Candidate bag from the first layer, update replay, bag-biased beam search."""
+    """Exact span recovery where the update allows it; otherwise a candidate bag from the
+    first layer, update replay and bag-biased beam search."""
 
     name = "recit"
     config_cls = RecitConfig
+
+    def vocab(self) -> np.ndarray:
+        """Layer 0's input for every vocabulary token (computed once per context)."""
+        if "token_vectors" not in self.ctx.artefacts:
+            self.ctx.artefacts["token_vectors"] = token_vectors(self.ctx.model)
+        return self.ctx.artefacts["token_vectors"]
 
     def candidates(self, obs: Observation, batch_size: int) -> list[int]:
         """Candidate tokens of the batch (empty when layer 0 carries no LoRA-A signal)."""
         rows = first_layer_rows(dict(obs.update))
         if rows is None:
             return []
-        vocab = self.ctx.artefacts.get("token_vectors")
-        if vocab is None:
-            vocab = self.ctx.artefacts["token_vectors"] = token_vectors(self.ctx.model)
-        return matching_pursuit(rows, vocab, self.cfg.bag_per_record * batch_size)
+        return matching_pursuit(rows, self.vocab(), self.cfg.bag_per_record * batch_size)
+
+    def exact(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
+        """Sequences the span tests recover exactly (empty when the update has no exact
+        signal: AdamW steps, DP noise, a rank too small for the batch, other adapters)."""
+        first = span.layer_subspaces(obs.update, obs.sent_global, 0)
+        second = span.layer_subspaces(obs.update, obs.sent_global, 1)
+        bag = span.token_bag(first, self.vocab(), self.cfg.span_tol) if first else []
+        if not bag or not second:
+            return []
+        self.ctx.method.set_state(self.ctx.model, dict(obs.sent_global))
+        self.ctx.model.eval()
+        beam = span.Beam(tol=self.cfg.span_tol, max_len=self.cfg.span_max_len,
+                         width=max(self.cfg.span_width, batch_size))
+        prompt = prompt_ids(self.ctx)
+        starts = [t for t in (self.ctx.tokenizer.bos_token_id, prompt[0]) if t is not None]
+        found = span.order_bag(bag, second, span.layer_input_fn(self.ctx.model, 1), beam,
+                               starts)
+        return [decoded(self.ctx, torch.tensor(_after(seq, prompt)))
+                for seq in span.distinct(found, batch_size)]
 
     def reconstruct(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
+        found = self.exact(obs, batch_size)
+        if len(found) >= batch_size:
+            return found
+        return found + self.approximate(obs, batch_size - len(found))
+
+    def approximate(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
+        """Candidate bag, update replay and bag-biased beam search."""
         bag = self.candidates(obs, batch_size)
         replayed(self.ctx, obs, self.cfg.replay_scale)
         vocab_size = self.ctx.model.get_input_embeddings().weight.shape[0]
@@ -175,3 +219,8 @@ class RecitAttack(Attack):
             if bag else None
         return generate(self.ctx, batch_size, self.cfg.beams, self.cfg.max_new_tokens,
                         processors)
+
+
+def _after(seq: list[int], prompt: list[int]) -> list[int]:
+    """``seq`` without the prompt template it starts with (if it does)."""
+    return seq[len(prompt):] if seq[: len(prompt)] == prompt else seq

@@ -3,10 +3,11 @@
 Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022,
 arXiv 2106.09685; federated instruction tuning as in FedIT (Zhang et al., arXiv 2305.05644).
 
-The client trains only the adapter tensors for ``local_steps`` AdamW steps and uploads
-their delta; the frozen base model never leaves the process. ``peft`` does the tuning
-(no hand-written adapters): this module maps config to a ``PeftConfig`` and moves
-adapter state in and out of the model.
+The client trains only the adapter tensors for ``local_steps`` optimizer steps (AdamW by
+default; ``optimizer: sgd`` with ``local_steps: 1`` is FedSGD: the upload is exactly
+``-lr`` times the clipped gradient) and uploads their delta; the frozen base model
+never leaves the process. ``peft`` does the tuning (no hand-written adapters): this
+module maps config to a ``PeftConfig`` and moves adapter state in and out of the model.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _DEFAULT_ADAPTER: dict[str, Any] = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 _ALIASES = {"dora": ("LORA", {"use_dora": True})}
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # plain SGD: no momentum
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class LoraConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
 
     def validate(self) -> None:
         """Fail early on bad numbers or an adapter spec ``peft`` would reject."""
@@ -62,6 +65,8 @@ class LoraConfig:
                 raise ConfigError(f"method.{key} must be >= 1, found {getattr(self, key)}")
         if not self.lr > 0:
             raise ConfigError(f"method.lr must be > 0, found {self.lr}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ConfigError.unknown("method.optimizer", self.optimizer, sorted(_OPTIMIZERS))
         peft_config(self.adapter)
 
 
@@ -140,7 +145,7 @@ class LoraMethod(ClientMethod):
     def train(
         self, model: nn.Module, examples: Sequence[Encoded], ctx: TrainContext
     ) -> TrainResult:
-        """``local_steps`` AdamW steps on batches drawn with a per-(round, client) seed."""
+        """``local_steps`` optimizer steps on batches drawn with a per-(round, client) seed."""
         if not examples:
             raise ConfigError(f"partition {ctx.partition_id} has no training examples")
         start, t0 = self.get_state(model), time.perf_counter()
@@ -159,7 +164,8 @@ class LoraMethod(ClientMethod):
         return TrainResult(update=update, num_examples=len(examples), metrics=metrics)
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        cls = _OPTIMIZERS[self.cfg.optimizer]
+        return cls(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _steps(self, model: nn.Module, params: list[nn.Parameter],
                examples: Sequence[Encoded], ctx: TrainContext,

@@ -10,13 +10,21 @@ from attacks.base import AttackContext
 from attacks.victims import PROMPT
 from fedpeft.data import DataConfig, collate, encode_example
 from fedpeft.methods.lora import LoraConfig, LoraMethod
-from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
+from fedpeft.models import ModelConfig, TinyModelConfig, get_tokenizer, load_causal_lm
 
 
-def tiny_context(batch_size: int = 1) -> AttackContext:
-    """The random tiny Llama with the default LoRA adapter attached."""
-    cfg = ModelConfig(name="tiny-llama", device="cpu")
-    method = LoraMethod(LoraConfig(local_steps=1, batch_size=batch_size))
+def tiny_context(batch_size: int = 1, rank: int | None = None,
+                 hidden: int = 64) -> AttackContext:
+    """The random tiny Llama (``hidden`` wide) with the default LoRA adapter attached (or
+    one of ``rank``, without dropout, trained by plain SGD)."""
+    cfg = ModelConfig(name="tiny-llama", device="cpu",
+                      tiny=TinyModelConfig(hidden_size=hidden, intermediate_size=2 * hidden))
+    lora = LoraConfig(local_steps=1, batch_size=batch_size)
+    if rank is not None:
+        adapter = {**lora.adapter, "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0}
+        lora = LoraConfig(local_steps=1, batch_size=batch_size, adapter=adapter,
+                          optimizer="sgd")
+    method = LoraMethod(lora)
     model = method.attach(load_causal_lm(cfg), seed=0)
     return AttackContext(model=model, tokenizer=get_tokenizer(cfg), method=method,
                          prompt=PROMPT)
@@ -29,15 +37,17 @@ def round_two_state(ctx: AttackContext, seed: int = 1) -> dict[str, np.ndarray]:
                 else v) for k, v in ctx.method.get_state(ctx.model).items()}
 
 
-def client_update(ctx: AttackContext, state: dict, texts: list[str]) -> dict[str, np.ndarray]:
-    """One AdamW step of the lora method on ``texts``, as a client takes it (no dropout,
-    so two batch orders see the same examples' gradients)."""
+def client_update(ctx: AttackContext, state: dict, texts: list[str],
+                  optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                  ) -> dict[str, np.ndarray]:
+    """One step of ``optimizer`` (AdamW: the lora default) on ``texts``, as a client takes
+    it (no dropout, so two batch orders see the same examples' gradients)."""
     dcfg = DataConfig(name="x", label_field=None, max_input_tokens=16)
     batch = collate([encode_example(ctx.tokenizer, PROMPT, t, [], dcfg) for t in texts],
                     ctx.tokenizer.pad_token_id)
     ctx.method.set_state(ctx.model, state)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = optimizer(params, lr=1e-3)
     ctx.model.eval()
     ctx.model(**batch).loss.backward()
     opt.step()

@@ -37,6 +37,7 @@ def test_audit_keys_build_the_grid_and_the_rest_reach_the_runs() -> None:
     ("audit.batch_sizes=[]", "non-empty"),
     ("audit.canary_guesses=80", "canary_guesses"),
     ("audit.boost_steps=0", "boost_steps must be >= 1"),
+    ("audit.lora_rank=0", "lora_rank must be null or >= 1"),
 ])
 def test_bad_audit_options_fail_early(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -51,6 +52,14 @@ def test_each_point_is_a_valid_fedpeft_run(tmp_path: Path) -> None:
     assert (run.privacy.name, run.privacy.target_epsilon) == ("dpsgd", 3.0)
     assert run.compression.name == "compeft" and tuple(run.capture.rounds) == (cfg.rounds,)
     assert (run.method.batch_size, run.method.local_steps) == (point.batch_size, 1)
+    assert run.method.optimizer == "sgd" and run.method.adapter["r"] == cfg.lora_rank
+    assert run.method.adapter["lora_dropout"] == 0.0
+
+
+def test_the_default_lora_point_keeps_the_method_settings(tmp_path: Path) -> None:
+    cfg, _ = split_overrides(["audit.optimizer=adamw", "audit.lora_rank=null"])
+    run = compose(run_overrides(cfg, grid(cfg)[0], tmp_path / "d.jsonl", tmp_path, []))
+    assert run.method.optimizer == "adamw" and run.method.adapter["r"] == 8
 
 
 @pytest.mark.parametrize("method", ["fedkseed", "ferret"])
