@@ -51,8 +51,10 @@ class AuditConfig:
     ``epsilons``: ``null`` = no DP, a number = DP-SGD with that target ε per client over
     the run; ``data``: a JSONL of records (``text`` + ``pii`` list) instead of the Faker
     set; ``show_pii``: unmask PII in the report's examples; ``canaries``: canaries of
-    the one-run membership audit per (method, privacy) pair (0 = off), trained for
-    ``canary_steps`` steps of ``canary_batch`` with ``canary_guesses`` guesses each way;
+    the one-run membership audit per (method, privacy) pair (0 = off), each
+    ``canary_tokens`` random tokens, trained for ``canary_steps`` steps of
+    ``canary_batch`` (null: all included canaries in one batch, FedSGD) with
+    ``canary_guesses`` guesses each way;
     ``boost``: the server distributes a base model it first pre-trained for
     ``boost_steps`` steps on ReCIT's "Personal Notes" (:mod:`attacks.boost`);
     ``optimizer``: the lora clients' local optimizer (``sgd`` with ``local_steps: 1`` is
@@ -73,22 +75,24 @@ class AuditConfig:
     seed: int = 0
     show_pii: bool = False
     canaries: int = 100
-    canary_guesses: int = 10
-    canary_steps: int = 8
-    canary_batch: int = 8
+    canary_guesses: int = 40
+    canary_steps: int = 1
+    canary_batch: int | None = None
+    canary_tokens: int = 1
     out: str = "audit"
     id: str | None = None
     boost: bool = False
     boost_steps: int = 60
     optimizer: str = "sgd"
-    lora_rank: int | None = 64
+    lora_rank: int | None = 128
 
     def validate(self) -> None:
         from attacks.base import ATTACKS
 
         for name in self.attacks:
             ATTACKS.get(name)
-        for key in ("clients", "rounds", "local_steps", "boost_steps"):
+        for key in ("clients", "rounds", "local_steps", "boost_steps", "canary_steps",
+                    "canary_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"audit.{key} must be >= 1, found {getattr(self, key)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -268,10 +272,11 @@ def canary_row(cfg: AuditConfig, point: Point, harness: Any) -> dict:
 
     ctx = dataclasses.replace(harness.context())
     ctx.method = build_method(harness.cfg.method.name, dataclasses.replace(
-        harness.cfg.method, local_steps=cfg.canary_steps, batch_size=cfg.canary_batch))
+        harness.cfg.method, local_steps=cfg.canary_steps,
+        batch_size=cfg.canary_batch or cfg.canaries))
     privacy = harness.cfg.privacy if point.epsilon is not None else None
     res = membership_audit(ctx, cfg.canaries, cfg.canary_guesses, seed=cfg.seed,
-                           privacy=privacy)
+                           privacy=privacy, length=cfg.canary_tokens)
     return {"method": point.method, "privacy": "dpsgd" if privacy else _NO_DP,
             "epsilon": res.epsilon, "epsilon_lower_bound": res.epsilon_lower_bound,
             "num_canaries": res.num_canaries, "num_guesses": res.num_guesses,

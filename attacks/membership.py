@@ -6,8 +6,10 @@ NeurIPS 2023, arXiv 2305.08846.
 ``m`` random canary records are drawn; each joins the client's training data with
 probability 1/2 (independently). The client trains once, with the configured method and
 privacy mechanism, exactly as in a round (the method's own ``train``). The auditor sees
-only the resulting update: it scores every canary by how well its gradient (at the
-state the client started from) aligns with the update, guesses "member" for the top
+only the resulting update: it scores every canary by the exact span test when the update
+has one (:mod:`attacks.span`: a member's tokens lie in the span of the layer-0 LoRA-B
+update, a non-member's do not), else by how well its gradient (at the state the client
+started from) aligns with the update, and guesses "member" for the top
 scores and "non-member" for the bottom ones, and :func:`attacks.canary.audit` turns
 the number of correct guesses into a lower bound on ε that holds with the stated
 confidence. The accountant's ε for the same training
@@ -42,26 +44,27 @@ class MembershipResult:
     tpr_at_1_fpr: float
 
 
-def canaries(m: int, seed: int, tokenizer: Any) -> list[str]:
-    """``m`` distinct canaries of 8 random vocabulary tokens each (seeded): rare pieces
-    that other canaries almost never share, so learning one does not lower the others'
-    loss (canaries made of common words or letters would all move together)."""
+def canaries(m: int, seed: int, tokenizer: Any, length: int = 8) -> list[str]:
+    """``m`` distinct canaries of ``length`` random vocabulary tokens each (seeded): rare
+    pieces that other canaries almost never share, so learning one does not lower the
+    others' loss (canaries made of common words or letters would all move together)."""
     rng = np.random.default_rng(10_000 + seed)
     size = len(tokenizer)
     out: dict[str, None] = {}
     while len(out) < m:
-        ids = rng.integers(size // 8, size, 8)  # skip the most frequent (lowest) ids
+        ids = rng.integers(size // 8, size, length)  # skip the most frequent (lowest) ids
         out[tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()] = None
     return list(out)
 
 
 def membership_audit(ctx: AttackContext, m: int, guesses: int, *, seed: int,
-                     privacy: Any = None, num_rounds: int = 1) -> MembershipResult:
-    """Train once on the included canaries, score all ``m`` from the update alone,
-    guess ``guesses`` members and ``guesses`` non-members, bound ε."""
+                     privacy: Any = None, num_rounds: int = 1,
+                     length: int = 8) -> MembershipResult:
+    """Train once on the included canaries (``length`` tokens each), score all ``m``
+    from the update alone, guess ``guesses`` members and ``guesses`` non-members, bound ε."""
     from fedpeft.methods.base import TrainContext
 
-    texts = canaries(m, seed, ctx.tokenizer)
+    texts = canaries(m, seed, ctx.tokenizer, length)
     included = np.random.default_rng(seed).random(m) < 0.5  # the auditor's coin flips
     encoded = _encode(ctx, texts)
     start = ctx.method.get_state(ctx.model)
@@ -69,7 +72,9 @@ def membership_audit(ctx: AttackContext, m: int, guesses: int, *, seed: int,
                          pad_token_id=_pad(ctx), num_rounds=num_rounds)
     result = ctx.method.train(ctx.model, [e for e, i in zip(encoded, included, strict=True)
                                           if i], train)
-    scores = alignment(ctx, encoded, start, result.update.deltas)
+    scores = span_scores(ctx, encoded, start, result.update.deltas)
+    if scores is None:
+        scores = alignment(ctx, encoded, start, result.update.deltas)
     delta = float(getattr(privacy, "delta", None) or 1e-5)
     audit = canary_audit(scores, included, guesses, guesses, delta=delta, confidence=0.95)
     return MembershipResult(
@@ -77,6 +82,27 @@ def membership_audit(ctx: AttackContext, m: int, guesses: int, *, seed: int,
         epsilon_lower_bound=audit.epsilon_lower_bound,
         num_canaries=m, num_guesses=audit.num_guesses, num_correct=audit.num_correct,
         tpr_at_0_1_fpr=audit.tpr_at_0_1pct_fpr, tpr_at_1_fpr=audit.tpr_at_1pct_fpr)
+
+
+def span_scores(ctx: AttackContext, examples: Sequence[Encoded], start: dict[str, np.ndarray],
+                delta: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Per canary: minus the largest layer-0 span distance of its answer tokens (0 for a
+    member: every token it trained on lies in the span), or None when the update has no
+    exact span (AdamW steps, DP noise, more tokens than the rank)."""
+    from attacks.recit import token_vectors
+    from attacks.span import distance, layer_subspaces
+
+    spaces = layer_subspaces(delta, start, 0)
+    if not spaces:
+        return None
+    vectors = token_vectors(ctx.model)
+    return np.array([-float(distance(spaces, vectors[_answer(e)]).max()) for e in examples])
+
+
+def _answer(example: Encoded) -> list[int]:
+    """The answer tokens of a training example (the labelled ones, end token excluded)."""
+    return [t for t, lab in zip(example.input_ids, example.labels, strict=True)
+            if lab != -100][:-1] or [example.input_ids[-1]]
 
 
 def alignment(ctx: AttackContext, examples: Sequence[Encoded], start: dict[str, np.ndarray],

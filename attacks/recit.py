@@ -27,6 +27,7 @@ Written by hand: no maintained library implements gradient inversion for text PE
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -121,10 +122,12 @@ def matching_pursuit(rows: np.ndarray, vocab: np.ndarray, k: int) -> list[int]:
 
 
 class _Bonus(LogitsProcessor):
-    """Adds a constant to the logits of the candidate tokens."""
+    """Adds ``bonus`` to the logits of the candidate tokens and ``rest`` to all others
+    (``rest=-inf``: only candidates can be generated)."""
 
-    def __init__(self, tokens: list[int], bonus: float, vocab_size: int) -> None:
-        self.mask = torch.zeros(vocab_size)
+    def __init__(self, tokens: list[int], bonus: float, vocab_size: int,
+                 rest: float = 0.0) -> None:
+        self.mask = torch.full((vocab_size,), rest)
         self.mask[torch.tensor(tokens, dtype=torch.long)] = bonus
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -185,13 +188,17 @@ class RecitAttack(Attack):
             return []
         return matching_pursuit(rows, self.vocab(), self.cfg.bag_per_record * batch_size)
 
+    def exact_bag(self, obs: Observation) -> list[int]:
+        """The batch's tokens by layer 0's span test (empty: no exact signal there)."""
+        first = span.layer_subspaces(obs.update, obs.sent_global, 0)
+        return span.token_bag(first, self.vocab(), self.cfg.span_tol) if first else []
+
     def exact(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
         """Sequences the span tests recover exactly (empty when the update has no exact
         signal: AdamW steps, DP noise, a rank too small for the batch, other adapters)."""
-        first = span.layer_subspaces(obs.update, obs.sent_global, 0)
         second = span.layer_subspaces(obs.update, obs.sent_global, 1)
-        bag = span.token_bag(first, self.vocab(), self.cfg.span_tol) if first else []
-        if not bag or not second:
+        bag = self.exact_bag(obs) if second else []
+        if not bag:
             return []
         self.ctx.method.set_state(self.ctx.model, dict(obs.sent_global))
         self.ctx.model.eval()
@@ -201,8 +208,9 @@ class RecitAttack(Attack):
         starts = [t for t in (self.ctx.tokenizer.bos_token_id, prompt[0]) if t is not None]
         found = span.order_bag(bag, second, span.layer_input_fn(self.ctx.model, 1), beam,
                                starts)
+        records = [seq for seq in found if len(_after(seq, prompt)) > 0 and seq != prompt]
         return [decoded(self.ctx, torch.tensor(_after(seq, prompt)))
-                for seq in span.distinct(found, batch_size)]
+                for seq in span.distinct(records, batch_size)]
 
     def reconstruct(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
         found = self.exact(obs, batch_size)
@@ -211,12 +219,16 @@ class RecitAttack(Attack):
         return found + self.approximate(obs, batch_size - len(found))
 
     def approximate(self, obs: Observation, batch_size: int) -> list[Reconstruction]:
-        """Candidate bag, update replay and bag-biased beam search."""
-        bag = self.candidates(obs, batch_size)
+        """Candidate bag, update replay and beam search: restricted to the bag (and the
+        end token) when layer 0's span gave it exactly, else with a bonus on it."""
+        exact = self.exact_bag(obs)
+        bag = exact or self.candidates(obs, batch_size)
         replayed(self.ctx, obs, self.cfg.replay_scale)
         vocab_size = self.ctx.model.get_input_embeddings().weight.shape[0]
-        processors = LogitsProcessorList([_Bonus(bag, self.cfg.bonus, vocab_size)]) \
-            if bag else None
+        eos = [t for t in (self.ctx.tokenizer.eos_token_id,) if t is not None]
+        bonus = _Bonus([*bag, *eos], 0.0, vocab_size, rest=-math.inf) if exact else \
+            _Bonus(bag, self.cfg.bonus, vocab_size)
+        processors = LogitsProcessorList([bonus]) if bag else None
         return generate(self.ctx, batch_size, self.cfg.beams, self.cfg.max_new_tokens,
                         processors)
 
