@@ -84,7 +84,7 @@ class AuditConfig:
     boost: bool = False
     boost_steps: int = 60
     optimizer: str = "sgd"
-    lora_rank: int | None = 128
+    lora_rank: int | None = 256
 
     def validate(self) -> None:
         from attacks.base import ATTACKS

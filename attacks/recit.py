@@ -204,11 +204,12 @@ class RecitAttack(Attack):
         self.ctx.model.eval()
         beam = span.Beam(tol=self.cfg.span_tol, max_len=self.cfg.span_max_len,
                          width=max(self.cfg.span_width, batch_size))
-        prompt = prompt_ids(self.ctx)
-        starts = [t for t in (self.ctx.tokenizer.bos_token_id, prompt[0]) if t is not None]
-        found = span.order_bag(bag, second, span.layer_input_fn(self.ctx.model, 1), beam,
-                               starts)
-        records = [seq for seq in found if len(_after(seq, prompt)) > 0 and seq != prompt]
+        prompt, inputs = prompt_ids(self.ctx), span.layer_input_fn(self.ctx.model, 1)
+        records = _records(span.order_bag(bag, second, inputs, beam, [prompt]), prompt)
+        if not records:  # the template is not what the client trained on: start anywhere
+            starts = [t for t in (self.ctx.tokenizer.bos_token_id, prompt[0]) if t is not None]
+            seeds = [[t] for t in dict.fromkeys([*starts, *bag])]
+            records = _records(span.order_bag(bag, second, inputs, beam, seeds), prompt)
         return [decoded(self.ctx, torch.tensor(_after(seq, prompt)))
                 for seq in span.distinct(records, batch_size)]
 
@@ -231,6 +232,11 @@ class RecitAttack(Attack):
         processors = LogitsProcessorList([bonus]) if bag else None
         return generate(self.ctx, batch_size, self.cfg.beams, self.cfg.max_new_tokens,
                         processors)
+
+
+def _records(found: list[list[int]], prompt: list[int]) -> list[list[int]]:
+    """The recovered sequences that hold more than the prompt template."""
+    return [seq for seq in found if _after(seq, prompt) and seq != prompt]
 
 
 def _after(seq: list[int], prompt: list[int]) -> list[int]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 _QKV_B = r"layers\.{layer}\.self_attn\.(q_proj|k_proj|v_proj)\.lora_B\."
-_MIN_GAP = 100.0  # a drop this steep in the singular values separates signal from rounding
+_MIN_GAP = 20.0  # a drop this steep in the singular values separates signal from rounding
 
 
 @dataclass(frozen=True)
@@ -136,15 +136,17 @@ class Beam:
 
 def order_bag(bag: list[int], spaces: list[Subspace],
               inputs: Callable[[list[list[int]]], np.ndarray], beam: Beam,
-              starts: list[int] = ()) -> list[list[int]]:
+              seeds: list[list[int]] | None = None) -> list[list[int]]:
     """Every maximal prefix the layer-1 span accepts, longest first.
 
-    Position 0 is not tested: its gradient is numerically tiny (the first position is
-    the attention sink), so it drops out of both spans. It may be any bag token or one of
-    ``starts`` (the BOS token, the template's first token); a wrong one dies at the next
-    step."""
-    live, ended = [[t] for t in dict.fromkeys([*starts, *bag])], []
-    for _ in range(beam.max_len - 1):
+    The search grows ``seeds`` (equal-length prefixes taken as given; default: every bag
+    token alone). Seed positions are not tested: the first position's gradient is
+    numerically tiny (it is the attention sink), so it drops out of both spans, and a
+    known template's positions (no loss on them) carry the weakest signal. A wrong seed
+    dies at the next step."""
+    live = [list(s) for s in seeds] if seeds else [[t] for t in bag]
+    ended: list[list[int]] = []
+    for _ in range(beam.max_len - len(live[0])):
         passed = _extensions(live, bag, spaces, inputs, beam)
         grown = {tuple(p[:-1]) for p in passed}
         ended += [p for p in live if tuple(p) not in grown and len(p) > 1]
