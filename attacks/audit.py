@@ -254,13 +254,21 @@ def run_audit(overrides: list[str], app: Path) -> Path:
         examples += point_examples
         delta = harness.delta
         key = (point.method, point.epsilon)
-        if cfg.canaries and key not in canaries:
+        if cfg.canaries and key not in canaries and canary_applies(point.method):
             _progress(f"[{i}/{len(points)}] {point.label}: canary membership audit")
             canaries[key] = canary_row(cfg, point, harness)
     result = _result(cfg, audit_id, overrides, rows, examples, delta)
     result["canary"] = list(canaries.values())
     result["config"]["boosted_model"] = str(model_dir) if model_dir else None
     return write_audit_report(result, root, show_pii=cfg.show_pii)
+
+
+def canary_applies(method: str) -> bool:
+    """Whether the canary audit can score ``method``'s updates: it compares each canary
+    with tensor deltas, which seed methods (scalars per seed or coordinate) do not send."""
+    from fedpeft.methods import METHODS
+
+    return METHODS.get(method).update_kind == "dense"
 
 
 def canary_row(cfg: AuditConfig, point: Point, harness: Any) -> dict:

@@ -10,6 +10,7 @@ from attacks.audit import (
     Point,
     boost_config,
     boosted_overrides,
+    canary_applies,
     grid,
     run_overrides,
     split_overrides,
@@ -60,6 +61,11 @@ def test_the_default_lora_point_keeps_the_method_settings(tmp_path: Path) -> Non
     cfg, _ = split_overrides(["audit.optimizer=adamw", "audit.lora_rank=null"])
     run = compose(run_overrides(cfg, grid(cfg)[0], tmp_path / "d.jsonl", tmp_path, []))
     assert run.method.optimizer == "adamw" and run.method.adapter["r"] == 8
+
+
+def test_canary_audit_runs_only_on_dense_updates() -> None:
+    assert canary_applies("lora")
+    assert not canary_applies("fedkseed") and not canary_applies("ferret")
 
 
 @pytest.mark.parametrize("method", ["fedkseed", "ferret"])
