@@ -70,7 +70,8 @@ class Harness:
             from fedpeft.models import get_tokenizer
 
             method = build_method(self.cfg.method.name, self.cfg.method)
-            model = build_model(method, self.cfg.model, seed=self.cfg.run.seed)
+            model = build_model(method, self.cfg.model, seed=self.cfg.run.seed,
+                                data_cfg=self.cfg.data)
             self._ctx = AttackContext(model=model, tokenizer=get_tokenizer(self.cfg.model),
                                       method=method, prompt=PROMPT)
         return self._ctx

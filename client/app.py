@@ -26,7 +26,7 @@ from fedpeft.compression.base import residual_update
 from fedpeft.config import FedPeftConfig, compose
 from fedpeft.data import DataConfig, encode_dataset, load_task_data, partition_rows
 from fedpeft.errors import ConfigError
-from fedpeft.methods import ClientMethod, TrainContext, build_method, build_model
+from fedpeft.methods import METHODS, ClientMethod, TrainContext, build_method, build_model
 from fedpeft.methods.base import cached_model
 from fedpeft.models import ModelConfig, get_tokenizer
 from fedpeft.schema import fingerprint
@@ -144,7 +144,7 @@ def _runtime(cfg: FedPeftConfig) -> tuple[ClientMethod, Any]:
 
     def build() -> tuple[ClientMethod, Any]:
         method = build_method(cfg.method.name, cfg.method)
-        model = build_model(method, cfg.model, seed=cfg.run.seed)
+        model = build_model(method, cfg.model, seed=cfg.run.seed, data_cfg=cfg.data)
         if getattr(method, "replays", False):
             save_base(method, model, base_path(cfg.model, _runtime_key(cfg)))
         return method, model
@@ -153,7 +153,8 @@ def _runtime(cfg: FedPeftConfig) -> tuple[ClientMethod, Any]:
 
 
 def _runtime_key(cfg: FedPeftConfig) -> str:
-    return f"{fingerprint(cfg.model)}|{fingerprint(cfg.method)}|{cfg.run.seed}"
+    task = fingerprint(cfg.data) if METHODS.get(cfg.method.name).needs_task else ""
+    return f"{fingerprint(cfg.model)}|{fingerprint(cfg.method)}|{cfg.run.seed}|{task}"
 
 
 def _examples(

@@ -462,6 +462,14 @@ def encode_dataset(
     return _encode_many(tokenizer, list(ds["text"]), list(ds["response"]), label_names, cfg)
 
 
+def template_prompt(tokenizer: Any, cfg: DataConfig) -> list[int]:
+    """Prompt token ids of the task's template with an empty text: what every prompt of
+    the task shares (``ssf_pool`` centres its queries on it)."""
+    names = load_task_data(cfg).label_names
+    enc = encode_example(tokenizer, "", names[0] if names else "", names, cfg)
+    return [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label == -100]
+
+
 def label_token_ids(tokenizer: Any, label_names: Sequence[str]) -> list[list[int]]:
     """Answer token ids of each label, exactly as they follow the prompt in training."""
     return _answer_ids(tokenizer, list(label_names))

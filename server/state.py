@@ -30,7 +30,8 @@ class GlobalModel:
         self.cfg, self.run, self.start_round = cfg, run, start_round
         self.method = build_method(cfg.method.name, cfg.method)
         self.tokenizer = get_tokenizer(cfg.model)
-        self.model = build_model(self.method, cfg.model, seed=cfg.run.seed)
+        self.model = build_model(self.method, cfg.model, seed=cfg.run.seed,
+                                 data_cfg=cfg.data)
         self.data = load_task_data(cfg.data)
         self.strategy: Any = None
         self.history: list[RoundRecord] = []

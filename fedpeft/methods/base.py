@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from fedpeft import models
-from fedpeft.data import collate
+from fedpeft.data import DataConfig, collate, template_prompt
+from fedpeft.errors import ConfigError
 from fedpeft.registry import Registry
 from fedpeft.types import ArrayDict, TrainResult
 
@@ -57,6 +58,7 @@ class ClientMethod(ABC):
     config_cls: ClassVar[type]
     update_kind: ClassVar[str] = "dense"
     first_order: ClassVar[bool] = True
+    needs_task: ClassVar[bool] = False  # bind_task must run (it reads the prompt template)
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -76,6 +78,11 @@ class ClientMethod(ABC):
     @abstractmethod
     def train(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext) -> TrainResult:
         """Run one round of local training from the current state; return the update."""
+
+    def bind_task(self, model: nn.Module, template_prompt: list[int]) -> None:
+        """Tell ``model`` the task's prompt template with an empty text (token ids);
+        only methods with ``needs_task`` use it."""
+        del model, template_prompt  # the default method needs neither
 
     def tuned(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The tensors this method trains: float32 whatever the base precision."""
@@ -103,11 +110,19 @@ def build_method(name: str, cfg: Any) -> ClientMethod:
     return METHODS.get(name)(cfg)
 
 
-def build_model(method: ClientMethod, model_cfg: models.ModelConfig, *, seed: int) -> nn.Module:
+def build_model(method: ClientMethod, model_cfg: models.ModelConfig, *, seed: int,
+                data_cfg: DataConfig | None = None) -> nn.Module:
     """A fresh base model with ``method`` attached, on ``model.device`` in ``model.dtype``
-    (trainable tensors float32): what every client, the server and the benches train on."""
+    (trainable tensors float32): what every client, the server and the benches train on.
+    Methods with ``needs_task`` (``ssf_pool``) also need the task's ``data_cfg``."""
     model = method.attach(models.load_causal_lm(model_cfg), seed=seed)
-    return models.place(model, method.tuned(model).values(), model_cfg)
+    model = models.place(model, method.tuned(model).values(), model_cfg)
+    if method.needs_task:
+        if data_cfg is None:
+            raise ConfigError(f"method {method.name!r} needs the task: pass data_cfg to "
+                              "build_model")
+        method.bind_task(model, template_prompt(models.get_tokenizer(model_cfg), data_cfg))
+    return model
 
 
 _MODEL_CACHE: dict[tuple[Any, ...], nn.Module] = {}

@@ -133,11 +133,21 @@ def poisson_batch(rng: np.random.Generator, n: int, q: float) -> np.ndarray:
 
 
 def sequence_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) next-token cross-entropy, averaged over each sequence's labelled tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """(B,) next-token cross-entropy, averaged over each sequence's labelled tokens. A
+    model with ``takes_labels`` (``ssf_pool``: its query is the prompt) also gets the
+    labels and may return a per-sequence ``penalty`` and a ``task_scale`` for the loss."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if getattr(model, "takes_labels", False):
+        inputs["labels"] = batch["labels"]
+    out = model(**inputs)
+    task = _token_means(out.logits, batch["labels"])
+    return task * getattr(out, "task_scale", 1.0) + getattr(out, "penalty", 0.0)
+
+
+def _token_means(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     size, width, vocab = logits.shape
     # position t predicts token t+1: shift the labels (not the logits, which would copy)
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).to(logits.device)  # (B, T)
+    labels = F.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)  # (B, T)
     tokens = F.cross_entropy(logits.reshape(size * width, vocab).float(), labels.reshape(-1),
                              ignore_index=-100, reduction="none").view(size, width)
     count = (labels != -100).sum(dim=1).clamp(min=1)  # (B,)

@@ -47,7 +47,7 @@ def trained(request):
                   "data.max_examples=200 data.test_size=20 method.local_steps=2 "
                   "method.batch_size=2")
     method = build_method(cfg.method.name, cfg.method)
-    model = build_model(method, cfg.model, seed=0)
+    model = build_model(method, cfg.model, seed=0, data_cfg=cfg.data)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
                      if not p.requires_grad}
     start = method.get_state(model)
