@@ -51,18 +51,27 @@ def evaluate(
 
 
 def _classify(model, tokenizer, test, label_names, data_cfg, batch_size) -> EvalResult:
-    answers = label_token_ids(tokenizer, label_names)
-    prompts = [_prompt_ids(tokenizer, t, label_names, data_cfg) for t in test["text"]]
+    table = label_scores(model, tokenizer, list(test["text"]), label_names, data_cfg,
+                         batch_size=batch_size)
     labels = list(test["label"])
-    scores = []  # (N, L) log-likelihood of each label
-    for i in range(0, len(prompts), batch_size):
-        scores.append(_label_scores(model, prompts[i : i + batch_size], answers,
-                                    tokenizer.pad_token_id))
-    table = torch.cat(scores)
     target = torch.tensor(labels)
     nll = -table[torch.arange(len(labels)), target]
     acc = (table.argmax(dim=1) == target).float().mean()
     return EvalResult(loss=float(nll.mean()), accuracy=float(acc), num_examples=len(labels))
+
+
+@torch.inference_mode()
+def label_scores(model: nn.Module, tokenizer: object, texts: Sequence[str],
+                 label_names: Sequence[str], data_cfg: DataConfig, *,
+                 batch_size: int = 16) -> torch.Tensor:
+    """(N, L) log-likelihood of each label's answer after each text's prompt (eval mode
+    is the caller's business); the argmax is the predicted label."""
+    answers = label_token_ids(tokenizer, label_names)
+    prompts = [_prompt_ids(tokenizer, t, label_names, data_cfg) for t in texts]
+    scores = [_label_scores(model, prompts[i : i + batch_size], answers,
+                            tokenizer.pad_token_id)
+              for i in range(0, len(prompts), batch_size)]
+    return torch.cat(scores)
 
 
 def _prompt_ids(tokenizer, text: str, label_names, data_cfg: DataConfig) -> list[int]:
@@ -132,4 +141,4 @@ def _per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-__all__ = ["EvalResult", "build_prompt", "evaluate"]
+__all__ = ["EvalResult", "build_prompt", "evaluate", "label_scores"]

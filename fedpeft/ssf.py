@@ -337,9 +337,7 @@ class SSFPoolModel(nn.Module):
                 labels: torch.Tensor | None = None, **kwargs: Any) -> PoolOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        sims = self.keys(self.query(input_ids, attention_mask, labels))  # (B, P)
-        idx, weights = select(sims.detach(), self.opts.top_n, self.opts.combine,
-                              self.opts.temperature)
+        sims, idx, weights = self.choose(input_ids, attention_mask, labels)
         self.route.weights = weights
         try:
             logits = self.base(input_ids=input_ids, attention_mask=attention_mask,
@@ -352,6 +350,15 @@ class SSFPoolModel(nn.Module):
         if labels is not None:
             loss = (1 - lam) * token_mean_loss(logits, labels) + penalty.mean()
         return PoolOutput(logits, loss, penalty, 1 - lam, idx)
+
+    def choose(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               labels: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Similarities (B, P), chosen entries (B, N) and their weights (B, P)."""
+        sims = self.keys(self.query(input_ids, attention_mask, labels))
+        idx, weights = select(sims.detach(), self.opts.top_n, self.opts.combine,
+                              self.opts.temperature)
+        return sims, idx, weights
 
     @torch.no_grad()
     def query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

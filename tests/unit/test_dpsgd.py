@@ -34,6 +34,11 @@ SETUPS = {  # lora dropout off: runs compare bit for bit without seeding torch
     "ferret-attn": "method=ferret strategy=ferret method.trainable=self_attn",
     "ferret-all": "method=ferret strategy=ferret",  # tied embeddings, RMSNorm by functorch
     "lora-bf16": "method.adapter.lora_dropout=0 model.dtype=bfloat16",  # under autocast
+    "ssf": "method=ssf",  # SSF sites by Opacus's functorch fallback
+    # pool sites by fedpeft's registered rule, keys by functorch; 4 entries so the batch's
+    # instances pick different ones
+    "ssf-pool": "method=ssf_pool method.pool.entries=4 method.pool.top_n=2 "
+                "method.pool.combine=weighted method.pool.temperature=0.05",
 }
 OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter",
                       "_current_grad_sample", "_norm_sample")
@@ -84,7 +89,7 @@ def _build(name: str, data_and_tok) -> Setup:
     examples, tok = data_and_tok
     cfg = compose(BASE + SETUPS[name])
     method = build_method(cfg.method.name, cfg.method)
-    model = build_model(method, cfg.model, seed=0)
+    model = build_model(method, cfg.model, seed=0, data_cfg=cfg.data)
     names, params = zip(*method.tuned(model).items(), strict=True)
     return Setup(model, list(names), list(params), examples, tok.pad_token_id,
                  [p.detach().clone() for p in params])
@@ -365,7 +370,7 @@ def test_a_non_finite_loss_becomes_a_noise_only_step(lora, mode, monkeypatch) ->
     assert _opacus_leftovers(lora.model) == []
 
 
-@pytest.mark.parametrize("method_name", ["lora", "ferret"])
+@pytest.mark.parametrize("method_name", ["lora", "ferret", "ssf_pool"])
 def test_methods_train_privately_and_report_the_event_not_the_loss(method_name: str) -> None:
     from fedpeft.methods import TrainContext
     from fedpeft.privacy.accounting import event_from_metrics
@@ -376,7 +381,7 @@ def test_methods_train_privately_and_report_the_event_not_the_loss(method_name: 
                   f"privacy.target_epsilon=4 data.max_examples=200 data.test_size=16 "
                   f"method.local_steps=3 method.batch_size=2{extra}")
     method = build_method(cfg.method.name, cfg.method)
-    model = build_model(method, cfg.model, seed=0)
+    model = build_model(method, cfg.model, seed=0, data_cfg=cfg.data)
     tok, data = get_tokenizer(cfg.model), load_task_data(cfg.data)
     examples = encode_dataset(data.train.select(range(20)), tok, data.label_names, cfg.data)
     start = method.get_state(model)
