@@ -8,7 +8,10 @@ same preflight, then a real local SuperLink + simulation engine of its own
 ``status.json`` says ``completed`` (``flwr run`` can exit 0 when the run failed), and
 writes the run's report (:mod:`fedpeft.report`); ``fedpeft simulate --multirun`` runs
 every point of a Hydra sweep grid (:mod:`fedpeft.sweep`) in turn and compares them in one
-report; ``fedpeft report RUN_DIR...`` plots existing runs.
+report; ``fedpeft report RUN_DIR...`` plots existing runs; ``fedpeft predict RUN_DIR --input
+F.jsonl`` labels texts with a run's final model (and says which SSF pool entries each
+used); ``fedpeft export RUN_DIR --out DIR`` writes it merged into a plain checkpoint
+(:mod:`fedpeft.predict`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("action", choices=["show"])
     show.add_argument("group", nargs="?", default=None)
     sub.add_parser("doctor", help="report stale Ray files, foreign SuperLinks, tool paths")
+    pred = sub.add_parser("predict", help="label texts with a run's final global model")
+    pred.add_argument("run", type=Path, metavar="RUN_DIR")
+    pred.add_argument("--input", type=Path, required=True, help="JSON lines with a text field")
+    pred.add_argument("--output", type=Path, default=None, help="JSON lines (default: stdout)")
+    exp = sub.add_parser("export", help="write a run's final model merged into the base")
+    exp.add_argument("run", type=Path, metavar="RUN_DIR")
+    exp.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     for name, entry in sorted(plugin_commands().items()):
         sub.add_parser(name, help=f"{entry.value} (`fedpeft {name} --help`)")
     return p
@@ -129,6 +139,23 @@ def _doctor(_args: argparse.Namespace) -> int:
     for f in findings:
         print(f)
     return 1 if any(f.level == "problem" for f in findings) else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fedpeft.predict import predict_file
+
+    rows = predict_file(args.run, args.input, args.output)
+    if args.output is None:
+        for row in rows:
+            print(json.dumps(row))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedpeft.predict import export_merged
+
+    print(export_merged(args.run, args.out))
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -271,7 +298,7 @@ def _launch(app: Path, overrides: list[str], cfg: object,
 
 
 _COMMANDS = {"simulate": _simulate, "validate": _validate, "config": _config_show,
-             "doctor": _doctor, "report": _report}
+             "doctor": _doctor, "report": _report, "predict": _predict, "export": _export}
 
 
 if __name__ == "__main__":

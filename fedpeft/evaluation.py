@@ -67,14 +67,15 @@ def label_scores(model: nn.Module, tokenizer: object, texts: Sequence[str],
     """(N, L) log-likelihood of each label's answer after each text's prompt (eval mode
     is the caller's business); the argmax is the predicted label."""
     answers = label_token_ids(tokenizer, label_names)
-    prompts = [_prompt_ids(tokenizer, t, label_names, data_cfg) for t in texts]
+    prompts = [prompt_ids(tokenizer, t, label_names, data_cfg) for t in texts]
     scores = [_label_scores(model, prompts[i : i + batch_size], answers,
                             tokenizer.pad_token_id)
               for i in range(0, len(prompts), batch_size)]
     return torch.cat(scores)
 
 
-def _prompt_ids(tokenizer, text: str, label_names, data_cfg: DataConfig) -> list[int]:
+def prompt_ids(tokenizer, text: str, label_names, data_cfg: DataConfig) -> list[int]:
+    """Token ids of ``text``'s prompt, exactly as training builds it."""
     from fedpeft.data import encode_example
 
     enc = encode_example(tokenizer, text, label_names[0], label_names, data_cfg)
