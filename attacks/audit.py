@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,13 +211,16 @@ def run_overrides(cfg: AuditConfig, point: Point, data: Path, out: Path,
 
 
 def _lora_overrides(cfg: AuditConfig, method: str) -> list[str]:
-    """The lora clients' optimizer and the server's adapter choice (other methods: none)."""
-    if method != "lora":
-        return []
-    rank = [] if cfg.lora_rank is None else [
-        f"method.adapter.r={cfg.lora_rank}", f"method.adapter.lora_alpha={2 * cfg.lora_rank}",
-        "method.adapter.lora_dropout=0.0"]
-    return [f"method.optimizer={cfg.optimizer}", *rank]
+    """The clients' optimizer (methods that take one: lora, ssf, ssf_pool) and the
+    server's adapter choice (lora only)."""
+    from fedpeft.methods import METHODS
+
+    fields = {f.name for f in fields_of(METHODS.get(method).config_cls)}
+    optimizer = [f"method.optimizer={cfg.optimizer}"] if "optimizer" in fields else []
+    if method != "lora" or cfg.lora_rank is None:
+        return optimizer
+    return [*optimizer, f"method.adapter.r={cfg.lora_rank}",
+            f"method.adapter.lora_alpha={2 * cfg.lora_rank}", "method.adapter.lora_dropout=0.0"]
 
 
 def command(argv: list[str] | None = None) -> int:

@@ -196,10 +196,13 @@ def _hook(route: Route | None) -> Callable[..., torch.Tensor]:
             return module.ssf(out)
         if not route.enabled:
             return out
-        if route.weights is None or route.weights.shape[0] != out.shape[0]:
+        weights = route.weights
+        if weights is None or out.shape[0] % weights.shape[0]:
             raise RuntimeError("pool sites need per-instance weights for this batch "
                                "(run the model through its SSFPoolModel wrapper)")
-        return module.ssf(out, route.weights.to(out.device))
+        # generation may repeat each prompt (beams, several sequences): repeat its weights
+        weights = weights.repeat_interleave(out.shape[0] // weights.shape[0], dim=0)
+        return module.ssf(out, weights.to(out.device))
     return apply
 
 
@@ -333,15 +336,17 @@ class SSFPoolModel(nn.Module):
         self.reference: torch.Tensor | None = None
         self._queries: dict[bytes, torch.Tensor] = {}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs: Any) -> PoolOutput:
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> PoolOutput:
+        given = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        sims, idx, weights = self.choose(input_ids, attention_mask, labels)
+            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
+        sims, idx, weights = self.choose(input_ids, attention_mask, labels, inputs_embeds)
         self.route.weights = weights
         try:
-            logits = self.base(input_ids=input_ids, attention_mask=attention_mask,
-                               **kwargs).logits
+            logits = self.base(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                               attention_mask=attention_mask, **kwargs).logits
         finally:
             self.route.weights = None
         lam = self.opts.key_weight
@@ -351,11 +356,37 @@ class SSFPoolModel(nn.Module):
             loss = (1 - lam) * token_mean_loss(logits, labels) + penalty.mean()
         return PoolOutput(logits, loss, penalty, 1 - lam, idx)
 
-    def choose(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               labels: torch.Tensor | None = None,
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """``transformers`` generation with each prompt's entries fixed from its query."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self.route.weights = self.choose(input_ids, attention_mask)[2]
+        try:
+            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      **kwargs)
+        finally:
+            self.route.weights = None
+
+    @property
+    def config(self) -> Any:
+        """The base model's ``transformers`` config."""
+        return self.base.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def choose(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+               labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Similarities (B, P), chosen entries (B, N) and their weights (B, P)."""
-        sims = self.keys(self.query(input_ids, attention_mask, labels))
+        """Similarities (B, P), chosen entries (B, N) and their weights (B, P); from token
+        ids (cached) or, for embedding-space callers, from ``inputs_embeds``."""
+        if input_ids is None:
+            query = self._embeds_query(inputs_embeds, attention_mask)
+        else:
+            query = self.query(input_ids, attention_mask, labels)
+        sims = self.keys(query)
         idx, weights = select(sims.detach(), self.opts.top_n, self.opts.combine,
                               self.opts.temperature)
         return sims, idx, weights
@@ -387,22 +418,33 @@ class SSFPoolModel(nn.Module):
     def pooled(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """(n, H) float32 mean of the frozen model's final hidden states over each
         prompt's tokens after the first (no SSF applied)."""
-        device = self.keys.keys.device
         width = max(len(p) for p in prompts)
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)], mask[i, : len(p)] = p, 1
+        return self._frozen_mean(mask, input_ids=ids).cpu()
+
+    @torch.no_grad()
+    def _embeds_query(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            raise ConfigError("ssf_pool has no query reference (see SSFPoolModel.query)")
+        found = self._frozen_mean(mask, inputs_embeds=embeds.detach())
+        return found - self.reference.to(found.device)
+
+    def _frozen_mean(self, mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        device = self.keys.keys.device
+        mask = mask.to(device)
         self.route.enabled = False
         try:
-            hidden = self.base.base_model(input_ids=ids.to(device),
-                                          attention_mask=mask.to(device)).last_hidden_state
+            hidden = self.base.base_model(attention_mask=mask, **{
+                k: v.to(device) for k, v in inputs.items()}).last_hidden_state
         finally:
             self.route.enabled = True
-        weight = mask.to(device).float()
-        weight[:, 0] = (mask.sum(dim=1) == 1).float().to(device)  # keep a 1-token prompt
+        weight = mask.float()
+        weight[:, 0] = (mask.sum(dim=1) == 1).float()  # keep a 1-token prompt
         total = (hidden.float() * weight[..., None]).sum(dim=1)
-        return (total / weight.sum(dim=1, keepdim=True)).cpu()
+        return total / weight.sum(dim=1, keepdim=True)
 
     def set_reference(self, template_prompt: Sequence[int]) -> None:
         """Centre queries on the pooled feature of the prompt template with empty text."""
