@@ -103,7 +103,11 @@ def _last_logits(model: nn.Module, prompts: list[list[int]], pad_id: int) -> tor
 def _sequence_logp(model, prompts, answer: list[int], pad_id: int) -> torch.Tensor:
     seqs = [p + answer for p in prompts]
     ids, mask = _pad(seqs, pad_id)
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    labels = ids.masked_fill(mask == 0, -100)
+    for b, p in enumerate(prompts):
+        labels[b, : len(p)] = -100
+    out = model(input_ids=ids, attention_mask=mask, **_labels_for(model, labels))
+    logp = torch.log_softmax(out.logits.float(), -1)
     total = torch.zeros(len(prompts))
     for b, p in enumerate(prompts):
         pos = torch.arange(len(p) - 1, len(p) - 1 + len(answer))
@@ -126,11 +130,17 @@ def _generation_loss(model, tokenizer, test, data_cfg, batch_size) -> EvalResult
     losses = []
     for i in range(0, len(encoded), batch_size):
         batch = collate(encoded[i : i + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **_labels_for(model, batch["labels"])).logits.float()
         losses.append(_per_example_nll(logits, batch["labels"].to(logits.device)).cpu())
     nll = torch.cat(losses)
     return EvalResult(loss=float(nll.mean()), accuracy=None, num_examples=len(encoded))
+
+
+def _labels_for(model: nn.Module, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Labels for a model whose forward needs to know where prompts end (``ssf_pool``
+    selects from the prompt only); other models are not given them (no extra loss)."""
+    return {"labels": labels} if getattr(model, "takes_labels", False) else {}
 
 
 def _per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

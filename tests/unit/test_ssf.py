@@ -204,3 +204,30 @@ def test_fedavg_weights_pool_updates_by_examples(pool) -> None:
     for k in start:
         want = start[k] + (3 * updates[0].update.deltas[k] + 9 * updates[1].update.deltas[k]) / 12
         np.testing.assert_allclose(out[k], want, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_selects_from_the_prompt_even_when_answers_are_in_the_input(
+        pool, monkeypatch) -> None:
+    from fedpeft.evaluation import evaluate
+    from fedpeft.ssf import SSFPoolModel
+
+    cfg, _, model = pool
+    tok = get_tokenizer(cfg.model)
+    seen: list[tuple] = []
+    original = SSFPoolModel.choose
+
+    def spy(self, input_ids, attention_mask, labels=None, inputs_embeds=None):
+        seen.append((input_ids, attention_mask, labels))
+        return original(self, input_ids, attention_mask, labels, inputs_embeds)
+
+    monkeypatch.setattr(SSFPoolModel, "choose", spy)
+    qa = compose(POOL + " data=chatterbot-qa data.max_examples=60 data.test_size=6").data
+    evaluate(model, tok, load_task_data(qa).test, (), qa)  # generation: answers in the input
+    names = ("no", "yes please")  # a multi-token label: prompt + answer sequences
+    two = load_task_data(cfg.data).test.filter(lambda r: r["label"] < 2).select(range(3))
+    evaluate(model, tok, two, names, cfg.data)
+    assert len(seen) >= 3
+    for ids, mask, labels in seen:
+        assert labels is not None
+        answer = (labels != -100) & (mask == 1)
+        assert answer.any(dim=1).all()  # the answer is in the input, and masked from the query
