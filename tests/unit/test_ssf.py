@@ -227,7 +227,7 @@ def test_evaluation_selects_from_the_prompt_even_when_answers_are_in_the_input(
     two = load_task_data(cfg.data).test.filter(lambda r: r["label"] < 2).select(range(3))
     evaluate(model, tok, two, names, cfg.data)
     assert len(seen) >= 3
-    for ids, mask, labels in seen:
+    for _ids, mask, labels in seen:
         assert labels is not None
         answer = (labels != -100) & (mask == 1)
         assert answer.any(dim=1).all()  # the answer is in the input, and masked from the query
