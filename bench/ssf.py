@@ -8,7 +8,11 @@ method): ``ssf_pool``, ``ssf``, ``lora`` and ``ssf_pool`` with ComPEFT. Per poin
 - held-out accuracy of the final global model (all 60 test articles), and per client on
   that client's own label mix (per-label accuracy weighted by the client's label shares);
 - uplink bytes per round (framed, summed over clients) and trainable parameters;
-- for pools: which entries each topic's test articles selected (top-1 counts).
+- for pools: which entries each topic's test articles selected (top-1 counts), each
+  client's top-1 entry shares on its own training data and the pairwise overlap of those
+  shares (does averaging combine entries that different clients use for different data?).
+
+``--reuse`` re-analyses the runs recorded in ``--out`` without training again.
 
 Every number comes from the runs this script starts; results go to
 ``bench/results/ssf.json`` (``--out``).
@@ -37,7 +41,10 @@ from fedpeft.models import get_tokenizer
 from fedpeft.reporting import RunDir
 
 POINTS = {"ssf_pool": ["method=ssf_pool"], "ssf": ["method=ssf"], "lora": ["method=lora"],
-          "ssf_pool+compeft": ["method=ssf_pool", "compression=compeft"]}
+          "ssf_pool+compeft": ["method=ssf_pool", "compression=compeft"],
+          # ablation: no key-matching term, so the keys stay at their random init
+          "ssf_pool-fixed-keys": ["method=ssf_pool", "method.pool.key_weight=0"]}
+DEFAULT_POINTS = ["ssf_pool", "ssf", "lora", "ssf_pool+compeft"]
 
 
 def common(args: argparse.Namespace) -> list[str]:
@@ -91,9 +98,32 @@ def entry_usage(cfg, model) -> dict:
     return {k: dict(v.most_common()) for k, v in usage.items()}
 
 
+@torch.inference_mode()
+def client_usage(cfg, model, clients: int) -> dict:
+    """Per client: the share of its training examples whose top-1 entry is each entry,
+    and the overlap of every two clients' usage (sum of min shares: 1 = same entries)."""
+    from fedpeft.data import collate, encode_dataset
+
+    tok, data = get_tokenizer(cfg.model), load_task_data(cfg.data)
+    shares = []
+    for pid in range(clients):
+        rows = partition_rows(data.train, cfg.data.partition, clients, pid)
+        enc = encode_dataset(data.train.select(rows), tok, data.label_names, cfg.data)
+        top = torch.cat([model.choose(**_ids(collate(enc[i:i + 64], tok.pad_token_id)))[1][:, 0]
+                         for i in range(0, len(enc), 64)])
+        shares.append(np.bincount(top.numpy(), minlength=cfg.method.pool.entries) / len(top))
+    overlap = [[float(np.minimum(a, b).sum()) for b in shares] for a in shares]
+    return {"client_top1_share": [np.round(x, 3).tolist() for x in shares],
+            "client_overlap": np.round(overlap, 3).tolist()}
+
+
+def _ids(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
 def run_point(name: str, args: argparse.Namespace, out: Path) -> dict:
     overrides = POINTS[name] + common(args)
-    row = simulate(overrides, out, name.replace("+", "-"))
+    row = _reused(args, name) or simulate(overrides, out, name.replace("+", "-"))
     cfg, method, model = final_model(overrides, out / row["run_id"])
     row.update(name=name, trainable_params=int(sum(v.size for v in
                                                    method.get_state(model).values())))
@@ -101,7 +131,21 @@ def run_point(name: str, args: argparse.Namespace, out: Path) -> dict:
     row.update(per_client(cfg, model, args.clients))
     if cfg.method.name == "ssf_pool":
         row["entry_usage_top1"] = entry_usage(cfg, model)
+        row.update(client_usage(cfg, model, args.clients))
     return row
+
+
+def _reused(args: argparse.Namespace, name: str) -> dict | None:
+    """With ``--reuse``, the finished run of ``name`` recorded in ``--out`` (re-analysed,
+    not re-trained)."""
+    return next(({k: r[k] for k in _SIM_KEYS if k in r} for r in args.previous
+                 if r["name"] == name), None)
+
+
+_SIM_KEYS = ("overrides", "run_id", "exit", "seconds", "rounds", "eval_accuracy", "eval_loss",
+             "epsilon_rdp", "epsilon_prv", "total_bytes_up", "payload_bytes_up",
+             "total_bytes_down", "total_payload_bytes_up", "total_payload_bytes_down",
+             "status")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,10 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--points", nargs="*", default=list(POINTS), choices=list(POINTS))
+    p.add_argument("--points", nargs="*", default=DEFAULT_POINTS, choices=list(POINTS))
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-ssf")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ssf.json")
+    p.add_argument("--reuse", action="store_true",
+                   help="re-analyse the runs recorded in --out instead of training again")
     args = p.parse_args(argv)
+    args.previous = (json.loads(args.out.read_text())["rows"]
+                     if args.reuse and args.out.is_file() else [])
     t0, rows = time.time(), []
     for name in args.points:
         rows.append(run_point(name, args, args.runs))
@@ -130,7 +178,7 @@ def _write(args: argparse.Namespace, rows: list[dict], t0: float) -> dict:
         if lora:
             r["uplink_vs_lora"] = r["uplink_bytes_per_round"] / lora["uplink_bytes_per_round"]
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads (CPU)",
-              "args": {k: str(v) for k, v in vars(args).items()},
+              "args": {k: str(v) for k, v in vars(args).items() if k != "previous"},
               "wall_s": time.time() - t0, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
