@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.data import DataConfig, load_task_data
-from fedpeft.evaluation import _label_scores, _prompt_ids, _sequence_logp, evaluate
+from fedpeft.evaluation import _label_scores, prompt_ids, _sequence_logp, evaluate
 from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
 
 
@@ -11,7 +11,7 @@ def test_single_forward_label_scores_equal_full_sequence_scores() -> None:
     cfg = ModelConfig(name="tiny-llama")
     model, tok = load_causal_lm(cfg), get_tokenizer(cfg)
     data = load_task_data(DataConfig(test_size=20))
-    prompts = [_prompt_ids(tok, t, data.label_names, DataConfig())
+    prompts = [prompt_ids(tok, t, data.label_names, DataConfig())
                for t in data.test["text"][:6]]
     answers = [tok(" " + n, add_special_tokens=False).input_ids for n in data.label_names]
 
