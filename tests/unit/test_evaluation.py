@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.data import DataConfig, load_task_data
-from fedpeft.evaluation import _label_scores, prompt_ids, _sequence_logp, evaluate
+from fedpeft.evaluation import _label_scores, _sequence_logp, evaluate, prompt_ids
 from fedpeft.models import ModelConfig, get_tokenizer, load_causal_lm
 
 
