@@ -148,6 +148,20 @@ _SIM_KEYS = ("overrides", "run_id", "exit", "seconds", "rounds", "eval_accuracy"
              "status")
 
 
+def table(result: dict) -> str:
+    """The README table of a result: one line per point."""
+    clients = result["args"]["clients"]
+    lines = ["| method | held-out acc. | per-client acc. mean / min | uplink per round "
+             f"({clients} clients) | vs LoRA | trainable params |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['global_accuracy']:.3f} | "
+                     f"{r['client_accuracy_mean']:.3f} / {r['client_accuracy_min']:.3f} | "
+                     f"{r['uplink_bytes_per_round'] / 2**20:.2f} MiB | "
+                     f"{r.get('uplink_vs_lora', float('nan')):.3f}x | "
+                     f"{r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -159,7 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ssf.json")
     p.add_argument("--reuse", action="store_true",
                    help="re-analyse the runs recorded in --out instead of training again")
+    p.add_argument("--table", action="store_true", help="print --out as a table and stop")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return {}
     args.previous = (json.loads(args.out.read_text())["rows"]
                      if args.reuse and args.out.is_file() else [])
     t0, rows = time.time(), []
@@ -169,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({k: rows[-1][k] for k in ("name", "global_accuracy",
                           "client_accuracy_mean", "uplink_bytes_per_round",
                           "trainable_params", "seconds")}), flush=True)
-    return _write(args, rows, t0)
+    result = _write(args, rows, t0)
+    print(table(result))
+    return result
 
 
 def _write(args: argparse.Namespace, rows: list[dict], t0: float) -> dict:
