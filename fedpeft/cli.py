@@ -11,7 +11,9 @@ every point of a Hydra sweep grid (:mod:`fedpeft.sweep`) in turn and compares th
 report; ``fedpeft report RUN_DIR...`` plots existing runs; ``fedpeft predict RUN_DIR --input
 F.jsonl`` labels texts with a run's final model (and says which SSF pool entries each
 used); ``fedpeft export RUN_DIR --out DIR`` writes it merged into a plain checkpoint
-(:mod:`fedpeft.predict`).
+(:mod:`fedpeft.predict`); ``fedpeft status RUN_DIR`` says whether a run is running,
+completed, failed or dead (:mod:`fedpeft.runstatus`); ``fedpeft certs`` makes the TLS
+files and SuperNode keys of a deployment (:mod:`fedpeft.pki`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a run's final model merged into the base")
     exp.add_argument("run", type=Path, metavar="RUN_DIR")
     exp.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    crt = sub.add_parser("certs", help="make a CA, a SuperLink certificate and SuperNode keys")
+    crt.add_argument("--out", type=Path, required=True, help="folder for the files")
+    crt.add_argument("--host", action="append", default=[],
+                     help="a name or IP the nodes dial (repeat; localhost/127.0.0.1 added)")
+    crt.add_argument("--nodes", type=int, default=2, help="SuperNode keys to make")
+    st = sub.add_parser("status", help="is a run running, completed, failed or dead?")
+    st.add_argument("run", type=Path, metavar="RUN_DIR")
+    st.add_argument("--json", action="store_true", help="print the status with the verdict")
     for name, entry in sorted(plugin_commands().items()):
         sub.add_parser(name, help=f"{entry.value} (`fedpeft {name} --help`)")
     return p
@@ -156,6 +166,35 @@ def _export(args: argparse.Namespace) -> int:
 
     print(export_merged(args.run, args.out))
     return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedpeft.errors import ConfigError
+    from fedpeft.pki import make_deployment
+
+    if args.nodes < 0:
+        raise ConfigError(f"--nodes must be >= 0, found {args.nodes}")
+    files = make_deployment(args.out, args.host, args.nodes)
+    print(f"CA certificate      {files.ca_cert}\nSuperLink cert/key  {files.server_cert} "
+          f"{files.server_key}")
+    for i in range(args.nodes):
+        print(f"SuperNode {i} key     {files.node_key(i)} (register {files.node_public_key(i)})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Exit 0 completed, 1 failed, 2 no status, 3 dead, 4 running, 130 interrupted."""
+    from fedpeft.runstatus import EXIT_CODES, verdict
+
+    if not args.run.is_dir():
+        raise RunFailed(f"{args.run} is not a run directory (expected runs/<run-id>)")
+    status = RunDir(args.run).status()
+    state, why = verdict(status)
+    if args.json:
+        print(json.dumps({**status, "verdict": state, "why": why}, indent=2, default=str))
+    else:
+        print(f"{args.run.name}: {state}" + (f" ({why})" if why else ""))
+    return EXIT_CODES.get(state, 1)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -298,7 +337,8 @@ def _launch(app: Path, overrides: list[str], cfg: object,
 
 
 _COMMANDS = {"simulate": _simulate, "validate": _validate, "config": _config_show,
-             "doctor": _doctor, "report": _report, "predict": _predict, "export": _export}
+             "doctor": _doctor, "report": _report, "predict": _predict, "export": _export,
+             "status": _status, "certs": _certs}
 
 
 if __name__ == "__main__":

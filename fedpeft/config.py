@@ -104,7 +104,7 @@ class RunConfig:
     run_id: str | None = None
     resume: str | None = None  # run directory (or checkpoint directory) to continue
     checkpoint: bool = True
-    round_timeout_s: float = 3600.0
+    round_timeout_s: float = 900.0  # a round ends this long after it was sent
     progress: bool = True
     max_empty_rounds: int = 1  # rounds in a row without an accepted update -> failed
     stall_timeout_s: float = 600.0  # no client reply for this long -> failed

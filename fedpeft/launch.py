@@ -84,11 +84,15 @@ def run_config_string(overrides: list[str]) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', "\\u0022") + '"'
 
 
-def write_connection(flwr_home: Path, address: str, name: str = CONNECTION) -> None:
-    """A Flower CLI config whose only (and default) connection is ``address``."""
+def write_connection(flwr_home: Path, address: str, name: str = CONNECTION,
+                     root_certificates: Path | None = None) -> None:
+    """A Flower CLI config whose only (and default) connection is ``address``: over TLS
+    checked against ``root_certificates`` when given, else insecure."""
+    tls = (f'root-certificates = "{root_certificates}"\n' if root_certificates
+           else "insecure = true\n")
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n'
-        f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
+        f'[superlink.{name}]\naddress = "{address}"\n{tls}')
 
 
 def start_superlink(ws: RunWorkspace, log: Path) -> int:
@@ -143,8 +147,9 @@ def run_local(ws: RunWorkspace, cmd: list[str], run: RunDir, startup_s: float,
 def settle_status(run: RunDir, code: int | None, reason: str | None) -> dict[str, Any]:
     """The run's final status; a run left ``running``/``missing`` is marked with why."""
     status = run.status()
-    if status.get("state") in _FINAL:
-        return status
+    stopped_by_us = reason is not None and reason.startswith("interrupted")
+    if status.get("state") in _FINAL and not (stopped_by_us and status.get("reason") == "signal"):
+        return status  # a server that died of the signal we relayed was interrupted
     if reason is None:
         reason = (f"the server process ended without a final status (flwr run exit code "
                   f"{code}); last state {status.get('state')!r}")

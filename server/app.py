@@ -8,7 +8,6 @@ The same app serves ``flwr run .`` simulations and SuperLink/SuperNode deploymen
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
@@ -20,6 +19,7 @@ from fedpeft.config import FedPeftConfig, load_components
 from fedpeft.errors import BudgetExhausted, RunFailed
 from fedpeft.preflight import preflight
 from fedpeft.reporting import RunDir, resolve_resume
+from fedpeft.runstatus import StatusWriter
 from fedpeft.schema import to_dict
 from server.state import GlobalModel
 from server.watchdog import WatchedGrid
@@ -34,22 +34,32 @@ def main(grid: Grid, context: Context) -> None:
     cfg = preflight(context.run_config.get("overrides", ""),
                     context.run_config.get("config-dir") or None).cfg
     run, start_round = _open_run(cfg)
-    run.set_status("running", start_round=start_round, pid=os.getpid())
+    status = StatusWriter(run)
+    status.install_signal_handlers()
+    status.set("running", start_round=start_round)
+    status.start_heartbeat()
     try:
         serve(grid, cfg, run, start_round)
     except BudgetExhausted as exc:  # a clean end: every client spent its privacy budget
         log.warning("fedpeft: %s; stopping", exc)
-        run.set_status("completed", rounds=_rounds_done(run), stopped=str(exc))
+        status.set("completed", rounds=_rounds_done(run), stopped=str(exc))
         return
     except RunFailed as exc:  # an expected end: nothing trained, stalled, no nodes
         log.error("fedpeft: run failed: %s", exc)
-        run.set_status("failed", error=str(exc), reason=type(exc).__name__,
-                       first_client_error=getattr(exc, "first_error", None))
+        status.set("failed", error=str(exc), reason=type(exc).__name__,
+                   first_client_error=getattr(exc, "first_error", None))
         return
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+    except BaseException as exc:  # after a signal the status already names it
+        status.set("failed", error=_describe(exc), reason=type(exc).__name__)
         raise
-    run.set_status("completed", rounds=cfg.run.num_rounds)
+    status.set("completed", rounds=cfg.run.num_rounds)
+
+
+def _describe(exc: BaseException) -> str:
+    """An error text; a bare ``SystemExit`` (Flower's exit path) says what it was."""
+    if isinstance(exc, SystemExit):
+        return f"the server process exited (SystemExit with code {exc.code!r}) mid-run"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _open_run(cfg: FedPeftConfig) -> tuple[RunDir, int]:

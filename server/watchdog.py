@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedpeft.errors import RunFailed
@@ -89,20 +90,26 @@ class WatchedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull until every reply is in, ``timeout`` passes, or a stall."""
+        """Push, then pull until every reply is in, ``timeout`` passes, or a stall.
+
+        Every reply comes back filed under the node its message was sent to: the
+        SuperLink answers for a dead node with an error from itself (node id 1), and a
+        node with no reply by ``timeout`` gets an error reply naming the wait."""
         messages = list(messages)
         ids = list(self.push_messages(messages))
-        pending = {i: str(m.metadata.dst_node_id) for i, m in zip(ids, messages, strict=False)}
+        sent = {i: m for i, m in zip(ids, messages, strict=False) if i}
+        pending = {i: str(m.metadata.dst_node_id) for i, m in sent.items()}
         phase = messages[0].metadata.message_type if messages else "?"
         end = None if timeout is None else time.monotonic() + timeout
-        self.last_progress, replies = time.monotonic(), []
+        self.last_progress, replies, t0 = time.monotonic(), [], time.monotonic()
         while pending and (end is None or time.monotonic() < end):
-            got = list(self.inner.pull_messages(list(pending)))
+            got = [_attributed(r, sent, t0) for r in self.inner.pull_messages(list(pending))]
             self._note(got, pending, replies)
             if pending and not got:
                 self._check_stall(phase, pending, len(replies))
                 time.sleep(self.poll_s)
-        return replies
+        waited = time.monotonic() - t0
+        return replies + [_no_reply(sent[i], waited, timeout) for i in pending]
 
     def _note(self, got: list[Message], pending: dict[str, str], replies: list) -> None:
         for msg in got:
@@ -124,3 +131,23 @@ class WatchedGrid(Grid):
             f"stalled in phase '{phase}': no client reply for {silent:.1f}s "
             f"(run.stall_timeout_s={self.stall_timeout_s:g}); {waiting}; silent nodes "
             f"{nodes}" + (f" (partitions {known})" if known else "") + f"; {_CAUSES}")
+
+
+def _attributed(reply: Message, sent: dict[str, Message], t0: float) -> Message:
+    """``reply`` from the node its message went to: a SuperLink-made error (source: the
+    SuperLink) is re-issued as that node's error reply, with when it came."""
+    asked = sent.get(reply.metadata.reply_to_message_id)
+    if asked is None or reply.metadata.src_node_id == asked.metadata.dst_node_id:
+        return reply
+    if not reply.has_error():
+        return reply
+    reason = (f"{reply.error.reason} (reported by the SuperLink for node "
+              f"{asked.metadata.dst_node_id} {time.monotonic() - t0:.1f}s into the round)")
+    return Message(Error(code=reply.error.code, reason=reason), reply_to=asked)
+
+
+def _no_reply(asked: Message, waited: float, timeout: float | None) -> Message:
+    """An error reply for a node that never answered within the round's timeout."""
+    reason = (f"no reply within {waited:.1f}s (run.round_timeout_s={timeout:g}); the node "
+              "is slow, hung or lost its connection")
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=asked)

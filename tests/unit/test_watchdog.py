@@ -10,7 +10,8 @@ import logging
 import time
 
 import pytest
-from flwr.app import Message, Metadata, RecordDict
+from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedpeft.types import RoundRecord
 from server.health import NothingTrained, RunHealth
@@ -74,6 +75,49 @@ def test_replies_keep_the_round_alive_and_end_it() -> None:
     grid = _grid(inner)
     replies = grid.send_and_receive([Message(RecordDict(), metadata=_meta(11))], timeout=5)
     assert [r.metadata.src_node_id for r in replies] == [11]
+
+
+class FaultyGrid(SilentGrid):
+    """Node 13 answers; the SuperLink (node 1) answers for dead nodes 11 and 12; node 14
+    never answers."""
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        out = []
+        for i in ids:
+            node = int(i[2:])
+            if node == 13:
+                out.append(Message(RecordDict(), metadata=_meta(13, reply_to=i)))
+            elif node in (11, 12):
+                meta = _meta(node, reply_to=i)
+                meta.__dict__["_src_node_id"] = 1  # what the SuperLink sends for a dead node
+                out.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "node unavailable"),
+                                   metadata=meta))
+        return out
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"id{m.metadata.dst_node_id}"
+        return super().push_messages(messages)
+
+
+def test_replies_are_filed_under_the_node_they_were_sent_to() -> None:
+    """A SuperLink-made error names the dead node, not the SuperLink; a node silent past
+    the round timeout gets an error reply of its own; each node is rejected once."""
+    from strategies import build_strategy
+    from strategies.decoding import DecodingStrategy
+
+    grid = _grid(FaultyGrid([11, 12, 13, 14]), stall_timeout_s=5)
+    messages = [Message(RecordDict(), metadata=_meta(n)) for n in (11, 12, 13, 14)]
+    replies = grid.send_and_receive(messages, timeout=0.5)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert sorted(by_node) == [11, 12, 13, 14]
+    assert "SuperLink for node 12" in by_node[12].error.reason
+    assert "no reply within" in by_node[14].error.reason
+    assert not by_node[13].has_error()
+    strategy = DecodingStrategy(build_strategy("fedavg", {}))
+    errors = [r for r in replies if r.has_error()]
+    strategy.aggregate_train(1, errors)
+    assert sorted(strategy.traffic.rejected) == ["11", "12", "14"]
 
 
 def _rec(rnd: int, accepted: int, rejected: dict[str, str]) -> RoundRecord:
