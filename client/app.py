@@ -18,6 +18,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from client import secagg
 from client.downlink import global_arrays
 from client.seed_sync import base_path, save_base, sync_node
 from fedpeft import wire
@@ -36,23 +37,37 @@ app = ClientApp()
 log = logging.getLogger("flwr")
 
 
+def _guarded(handler: Any) -> Any:
+    """A handler whose failures become error replies (Flower's
+    ``CLIENT_APP_RAISED_EXCEPTION``) with reason ``partition-id=<pid>: <Type>: <message>``:
+    the server can name the partition, and the run's console gets one line per failed
+    client instead of a traceback (logged at debug level in this process)."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            pid = context.node_config.get(wire.PARTITION_ID_KEY)
+            reason = wire.failure_message(pid, exc)
+            log.warning("fedpeft client: %s", reason)
+            log.debug("fedpeft client failure", exc_info=True)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            return Message(error, reply_to=msg)
+
+    return run
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training on this node's partition.
+    """One round of local training on this node's partition (see :func:`_guarded`)."""
+    return _guarded(_train)(msg, context)
 
-    A failure becomes an error reply (Flower's ``CLIENT_APP_RAISED_EXCEPTION``) whose
-    reason is ``partition-id=<pid>: <ExceptionType>: <message>``: the server can name the
-    partition, and the run's console gets one line per failed client instead of a
-    traceback (the traceback is logged at debug level in this process)."""
-    try:
-        return _train(msg, context)
-    except Exception as exc:
-        pid = context.node_config.get(wire.PARTITION_ID_KEY)
-        reason = wire.failure_message(pid, exc)
-        log.warning("fedpeft client: %s", reason)
-        log.debug("fedpeft client failure", exc_info=True)
-        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-        return Message(error, reply_to=msg)
+
+# SecAgg+ stages (client/secagg.py); the masked update itself is the training reply.
+app.train("secagg_keys")(_guarded(secagg.keys))
+app.train("secagg_share")(_guarded(secagg.share))
+app.train("secagg_unmask")(_guarded(secagg.unmask))
 
 
 def _train(msg: Message, context: Context) -> Message:
@@ -85,12 +100,25 @@ def _train(msg: Message, context: Context) -> Message:
     result = method.train(model, _examples(cfg.overrides, cfg.data, cfg.model, pid, nparts), ctx)
     if getattr(cfg.privacy, "name", "none") == "client":
         result = _clip_update(result, cfg.privacy.clip)
-    content = wire.reply_content(_encode(result, cfg, context), result.num_examples,
+    content = wire.reply_content(_reply_arrays(result, cfg, msg, context), result.num_examples,
                                  {**result.metrics, **extra_metrics}, partition_id=pid)
     return Message(content=content, reply_to=msg)
 
 
 RESIDUAL_KEY = "compression-residual"
+
+
+def _reply_arrays(result: TrainResult, cfg: FedPeftConfig, msg: Message,
+                  context: Context) -> Any:
+    """The update as the run sends it: masked under secure aggregation (weight: the
+    example count, or 1 with client-level DP, whose mean is unweighted), else encoded."""
+    if wire.SECAGG_KEY not in msg.content:
+        return _encode(result, cfg, context)
+    if not isinstance(result.update, DenseUpdate):
+        raise ConfigError(f"secure aggregation needs dense updates, found "
+                          f"{type(result.update).__name__}")
+    weight = 1.0 if cfg.privacy.name == "client" else float(result.num_examples)
+    return secagg.mask_update(result.update.deltas, weight, msg, context)
 
 
 def _encode(result: TrainResult, cfg: FedPeftConfig, context: Context) -> Any:

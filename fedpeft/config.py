@@ -25,7 +25,7 @@ from fedpeft import schema
 from fedpeft.compression import COMPRESSORS
 from fedpeft.compression.base import CompressionConfig, build_compressor, check_update_kind
 from fedpeft.data import DataConfig
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, IncompatibleComponentsError
 from fedpeft.methods import METHODS
 from fedpeft.models import ModelConfig
 from fedpeft.privacy import PRIVACY, build_privacy
@@ -38,14 +38,15 @@ COMPONENT_PACKAGES = ("strategies",)
 # Extra modules that register components (e.g. a site's own method), loaded in every
 # process of a run: ``FEDPEFT_PLUGINS=/path/to/file.py,package.module``.
 PLUGINS_ENV = "FEDPEFT_PLUGINS"
-StrategyCheck = Callable[[str, dict[str, Any], str], None]
+StrategyCheck = Callable[..., None]  # (name, params, update_kind, *, secagg: bool)
 FederationCheck = Callable[[str, dict[str, Any], int], None]
 _STRATEGY_CHECKS: list[StrategyCheck] = []
 _FEDERATION_CHECKS: list[FederationCheck] = []
 
 
 def register_strategy_check(check: StrategyCheck) -> StrategyCheck:
-    """Register ``check(strategy_name, params, update_kind)``; it raises ConfigError."""
+    """Register ``check(strategy_name, params, update_kind, *, secagg)``; it raises
+    ConfigError."""
     _STRATEGY_CHECKS.append(check)
     return check
 
@@ -152,6 +153,36 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ secure aggregation (:mod:`fedpeft.secagg`): the server sees only the sum.
+
+    ``degree`` is k of the k-regular communication graph (null: every other sampled
+    client, i.e. SecAgg); ``threshold`` is t of the t-of-k sharing (null: k//2 + 1, the
+    least that keeps a server from collecting both secrets of one node, and the most
+    dropouts survived); ``frac_bits`` the fixed-point precision; ``stage_timeout_s`` how
+    long each of the three extra exchanges waits for replies.
+    """
+
+    enabled: bool = False
+    degree: int | None = None
+    threshold: int | None = None
+    frac_bits: int = 24
+    stage_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        if self.degree is not None and self.degree < 2:
+            raise ConfigError(f"secagg.degree must be >= 2 or null, found {self.degree!r}")
+        if self.threshold is not None and self.threshold < 2:
+            raise ConfigError(f"secagg.threshold must be >= 2 or null, found "
+                              f"{self.threshold!r}")
+        if not 8 <= self.frac_bits <= 40:
+            raise ConfigError(f"secagg.frac_bits must be in [8, 40], found {self.frac_bits!r}")
+        if not self.stage_timeout_s > 0:
+            raise ConfigError(f"secagg.stage_timeout_s must be > 0, found "
+                              f"{self.stage_timeout_s!r}")
+
+
+@dataclass(frozen=True)
 class ScreenConfig:
     """Server-side screening of replies that are well-formed but out of proportion.
 
@@ -229,12 +260,13 @@ class FedPeftConfig:
     privacy: Any = field(default_factory=NoPrivacyConfig)
     compression: Any = field(default_factory=CompressionConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     overrides: tuple[str, ...] = ()
 
 
 _TOP = {"model", "data", "method", "strategy", "privacy", "compression", "run", "eval", "sim",
-        "screen", "capture"}
+        "screen", "secagg", "capture"}
 
 
 def default_config_dir() -> Path:
@@ -326,6 +358,7 @@ def from_dict(raw: dict[str, Any], overrides: tuple[str, ...] = ()) -> FedPeftCo
         privacy=_privacy(raw.get("privacy")),
         compression=_compression(raw.get("compression")),
         screen=schema.build(ScreenConfig, raw.get("screen"), "screen"),
+        secagg=schema.build(SecAggConfig, raw.get("secagg"), "secagg"),
         capture=schema.build(CaptureConfig, raw.get("capture"), "capture"),
         overrides=overrides,
     )
@@ -374,12 +407,31 @@ def check_compatibility(cfg: FedPeftConfig) -> None:
     method = METHODS.get(cfg.method.name)
     kind = getattr(method, "update_kind", "dense")
     for check in _STRATEGY_CHECKS:
-        check(cfg.strategy.name, dict(cfg.strategy.params), kind)
+        check(cfg.strategy.name, dict(cfg.strategy.params), kind, secagg=cfg.secagg.enabled)
     build_privacy(cfg.privacy).check(method, cfg.strategy.name, dict(cfg.strategy.params),
                                      cfg.method)
     check_update_kind(cfg.compression, method)
     build_compressor(cfg.compression)
     check_capture_rounds(cfg.capture, cfg.run)
+    if cfg.secagg.enabled:
+        check_secagg(cfg)
+
+
+def check_secagg(cfg: FedPeftConfig) -> None:
+    """SecAgg+ hides individual updates: what needs them cannot be combined with it."""
+    conflicts = {
+        "compression": (cfg.compression.name != "identity",
+                        f"compression={cfg.compression.name} (a masked vector cannot be "
+                        "sparsified or entropy-coded; use compression=identity)"),
+        "screen.norm_k": (cfg.screen.norm_k is not None,
+                          "screen.norm_k (the server never sees one client's norm)"),
+        "capture.rounds": (bool(cfg.capture.rounds),
+                           "capture.rounds (the server observes only masked vectors)"),
+    }
+    found = [why for bad, why in conflicts.values() if bad]
+    if found:
+        raise IncompatibleComponentsError(
+            "secagg.enabled=true cannot be combined with " + "; ".join(found))
 
 
 def check_capture_rounds(capture: CaptureConfig, run: RunConfig) -> None:

@@ -121,13 +121,32 @@ def decode(total: np.ndarray, frac_bits: int) -> tuple[np.ndarray, float]:
     return values[:-1], float(values[-1])
 
 
+def flatten(deltas: Mapping[str, np.ndarray]) -> np.ndarray:
+    """An update as one float64 vector, tensors in sorted-name order."""
+    if not deltas:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(deltas[k], dtype=np.float64).ravel()
+                           for k in sorted(deltas)])
+
+
+def unflatten(flat: np.ndarray, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`flatten`, shaped and typed like ``reference``."""
+    out, at = {}, 0
+    for name in sorted(reference):
+        ref = reference[name]
+        out[name] = flat[at:at + ref.size].reshape(ref.shape).astype(ref.dtype)
+        at += ref.size
+    return out
+
+
 # --- the communication graph ----------------------------------------------------------------
 
 def neighbours(nodes: Iterable[int], degree: int, rng: np.random.Generator
                ) -> dict[int, list[int]]:
     """A random k-regular (Harary) graph: nodes on a randomly permuted ring, each linked to
     ``degree // 2`` on each side (complete when ``degree >= n - 1``)."""
-    ring = [int(n) for n in rng.permutation(sorted(nodes))]
+    ids = sorted(int(n) for n in nodes)  # permute positions: node ids may exceed int64
+    ring = [ids[i] for i in rng.permutation(len(ids))]
     n, half = len(ring), degree // 2
     if degree >= n - 1:
         return {a: sorted(b for b in ring if b != a) for a in ring}
@@ -167,6 +186,27 @@ class ClientRound:
     seed: bytes = field(default_factory=lambda: os.urandom(SEED_BYTES))
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     inbox: dict[int, bytes] = field(default_factory=dict)
+
+    def dump(self) -> dict[str, bytes | int | list[bytes] | list[str]]:
+        """Plain values to keep between stages (in the node's own state, never sent)."""
+        raw = (serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+               serialization.NoEncryption())
+        return {"node": str(self.node), "round": self.rnd, "seed": self.seed,
+                "c": self.c_key.private_bytes(*raw), "s": self.s_key.private_bytes(*raw),
+                "peers": [str(j) for j in self.peers],
+                "peer_keys": [c + s for c, s in self.peers.values()],
+                "inbox_from": [str(j) for j in self.inbox], "inbox": list(self.inbox.values())}
+
+    @classmethod
+    def load(cls, data: Mapping) -> ClientRound:
+        """The inverse of :meth:`dump`."""
+        peers = {int(j): (k[:32], k[32:]) for j, k in zip(data["peers"], data["peer_keys"],
+                                                           strict=True)}
+        inbox = dict(zip(map(int, data["inbox_from"]), data["inbox"], strict=True))
+        return cls(int(data["node"]), int(data["round"]),
+                   X25519PrivateKey.from_private_bytes(data["c"]),
+                   X25519PrivateKey.from_private_bytes(data["s"]), bytes(data["seed"]),
+                   peers, inbox)
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Stage 1: the two public keys (c, s)."""

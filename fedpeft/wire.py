@@ -198,3 +198,48 @@ def payload_bytes(record: ArrayRecord) -> int:
     Flower adds or any other framing (``message_bytes`` counts everything)."""
     return int(sum(np.dtype(record[name].dtype).itemsize * int(np.prod(record[name].shape))
                    for name in record))  # from shape and dtype: no copy of the buffers
+
+
+# --- secure aggregation (fedpeft.secagg) -------------------------------------------------------
+
+SECAGG_KEY = "secagg"
+MASKED_KEY = "secagg-masked"
+
+
+def secagg_content(fields: Mapping[str, object]) -> RecordDict:
+    """A SecAgg+ stage message or reply: one ConfigRecord of bytes, strings and ints."""
+    return RecordDict({SECAGG_KEY: ConfigRecord(dict(fields))})  # type: ignore[arg-type]
+
+
+def secagg_fields(content: RecordDict) -> dict[str, object]:
+    """The SecAgg+ fields of a message (``UpdateRejected`` when it carries none)."""
+    record = content.config_records.get(SECAGG_KEY)
+    if record is None:
+        raise UpdateRejected(f"expected a '{SECAGG_KEY}' record, found {sorted(content.keys())}")
+    return dict(record)
+
+
+def with_secagg(content: RecordDict, fields: Mapping[str, object]) -> RecordDict:
+    """A training message's content plus its node's SecAgg+ fields, as a new record dict
+    (Flower's strategies share one content object among all of a round's messages)."""
+    records = dict(content.items())
+    records[SECAGG_KEY] = ConfigRecord(dict(fields))  # type: ignore[arg-type]
+    return RecordDict(records)
+
+
+def masked_arrays(masked: np.ndarray) -> ArrayRecord:
+    """A client's masked vector (uint64) as the reply's arrays."""
+    return ArrayRecord({MASKED_KEY: Array(np.ascontiguousarray(masked, dtype=np.uint64))})
+
+
+def masked_vector(content: RecordDict, size: int) -> np.ndarray:
+    """The masked uint64 vector of a reply, checked for dtype and length."""
+    record = content.array_records.get(ARRAYS_KEY)
+    if record is None or MASKED_KEY not in record:
+        raise UpdateRejected(f"secure aggregation expects a '{MASKED_KEY}' array in "
+                             f"'{ARRAYS_KEY}'; found {sorted(content.keys())}")
+    vec = record[MASKED_KEY].numpy()
+    if vec.dtype != np.uint64 or vec.shape != (size,):
+        raise UpdateRejected(f"masked vector must be uint64 of shape ({size},), found "
+                             f"{vec.dtype} {vec.shape}")
+    return vec

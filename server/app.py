@@ -126,6 +126,10 @@ def _strategy(cfg: FedPeftConfig, state: GlobalModel, start_round: int) -> Any:
         strategy.enable_client_dp(cfg.privacy)
     strategy.admit = lambda nodes, rnd: state.privacy.admit(
         nodes, lambda node: _partition_of(strategy, str(node)), rnd)
+    if cfg.secagg.enabled:
+        from strategies.secagg import SecAggServer
+
+        strategy.secagg = SecAggServer(cfg.secagg)
     if cfg.capture.rounds:
         strategy.observer = Observer(cfg.capture, state.run.path)
         log.info("fedpeft: capturing what the server observes in rounds %s under %s",

@@ -116,6 +116,7 @@ class GlobalModel:
             rejected=dict(traffic.rejected) if traffic else {},
             excluded=list(traffic.excluded) if traffic else [],
             privacy=privacy or {},
+            extra=dict(getattr(traffic, "extra", {})) if traffic else {},
         )
 
     def _privacy(self, rnd: int, server_round: int) -> dict:

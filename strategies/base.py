@@ -37,6 +37,8 @@ class StrategySpec:
         paper: reference for the aggregation rule.
         fixed: keyword arguments always passed (not user-settable).
         wrap: whether the server wraps it in ``DecodingStrategy`` (dense strategies).
+        linear: whether its rule needs only the example-weighted sum of the updates, so
+            it runs under secure aggregation (FedAvg and the server optimisers).
     """
 
     factory: Callable[..., Strategy]
@@ -44,6 +46,7 @@ class StrategySpec:
     paper: str = ""
     fixed: Mapping[str, Any] = field(default_factory=dict)
     wrap: bool = True  # wrap in DecodingStrategy (dense deltas -> full tensors)
+    linear: bool = False
 
 
 STRATEGIES: Registry[StrategySpec] = Registry("strategy")
@@ -91,10 +94,18 @@ def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:
 
 
 @register_strategy_check
-def check_strategy(name: str, params: Mapping[str, Any], update_kind: str) -> None:
-    """Config-time check: known strategy, valid options, accepts the update kind."""
+def check_strategy(name: str, params: Mapping[str, Any], update_kind: str, *,
+                   secagg: bool = False) -> None:
+    """Config-time check: known strategy, valid options, accepts the update kind, and
+    (with secure aggregation) aggregates by a weighted sum."""
     spec = STRATEGIES.get(name)
     validate_params(name, params)
+    if secagg and not spec.linear:
+        fits = [n for n in STRATEGIES.names() if STRATEGIES.get(n).linear]
+        raise IncompatibleComponentsError(
+            f"secagg.enabled=true: strategy={name} needs each client's update (robust or "
+            f"per-client rules, seed replays), but the server sees only their sum; "
+            f"strategies that work on the sum: {', '.join(fits)}")
     if update_kind not in spec.accepts:
         fits = [n for n in STRATEGIES.names() if update_kind in STRATEGIES.get(n).accepts]
         raise IncompatibleComponentsError(

@@ -34,6 +34,7 @@ from fedpeft.config import ScreenConfig
 from fedpeft.errors import ConfigError, UpdateRejected
 from fedpeft.privacy.accounting import PrivacyEvent, event_from_metrics
 from fedpeft.privacy.client import LEDGER_KEY
+from fedpeft.secagg import SecAggAborted
 from fedpeft.types import Exclusion
 from strategies import client_dp, exclusions, screening
 from strategies.downlink import Downlink
@@ -84,6 +85,7 @@ class RoundTraffic:
     privacy: dict[str, PrivacyEvent] = field(default_factory=dict)  # partition -> event
     accepted: int = 0
     aggregate_s: float = 0.0  # server wall time spent in aggregate_train
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. secure aggregation's cost
 
     @classmethod
     def for_messages(cls, messages: list[Message]) -> RoundTraffic:
@@ -167,6 +169,7 @@ class DecodingStrategy(Strategy):
         self.compressor: Any = None  # the codec clients encode with (None: plain arrays)
         self.downlink: Downlink | None = None  # compressed broadcasts (None: full state)
         self.observer: Observer | None = None  # saves what the server saw (None: off)
+        self.secagg: Any = None  # SecAggServer when updates are securely aggregated
         self._expected = 0.0
         self._global: dict = {}
 
@@ -196,8 +199,26 @@ class DecodingStrategy(Strategy):
             messages = self.downlink.address(messages)
         if self.observer is not None:  # the global state, even where deltas were sent
             self.observer.sent(config["round"], messages, self._global)
+        if self.secagg is not None:
+            return self._secagg_prepare(config["round"], messages, grid)
         self.traffic = RoundTraffic.for_messages(messages)
         return messages
+
+    def _secagg_prepare(self, rnd: int, messages: list[Message], grid: Grid) -> list[Message]:
+        """Keys and shares first; the nodes that failed them are rejected by name."""
+        t0 = time.perf_counter()
+        try:
+            kept = self.secagg.prepare(rnd, messages, grid)
+        except SecAggAborted as exc:
+            log.error("round %d: secure aggregation cannot run: %s", rnd, exc)
+            self.traffic = RoundTraffic()
+            self.traffic.reject(rnd, "secagg", None, f"secagg: {exc}")
+            return []
+        self.traffic = RoundTraffic.for_messages(kept)
+        for node, why in self.secagg.failed.items():
+            self.traffic.reject(rnd, str(node), self.partitions.get(node), why)
+        self.traffic.extra["secagg_setup_s"] = time.perf_counter() - t0
+        return kept
 
     @property
     def kind(self) -> str:
@@ -210,14 +231,18 @@ class DecodingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
-        decoded = [m for m in (self._decode(r, rnd) for r in replies) if m is not None]
+        if self.secagg is not None:
+            decoded = self._secagg_decode(rnd, list(replies))
+        else:
+            decoded = [m for m in (self._decode(r, rnd) for r in replies) if m is not None]
         decoded = screening.screen_norms(decoded, self._global, self.screen.norm_k,
                                          functools.partial(self._reject, rnd), rnd)
-        self.traffic.accepted = len(decoded)
+        self.traffic.accepted = self.secagg.summed if self.secagg and decoded else len(decoded)
         if self.client_dp is not None:
             self.traffic.privacy[LEDGER_KEY] = self.client_dp.event()
-            decoded = client_dp.aggregate(decoded, self._global, self.client_dp,
-                                          self._expected) if decoded else []
+            if self.secagg is None:  # under secagg the noise went onto the unmasked sum
+                decoded = client_dp.aggregate(decoded, self._global, self.client_dp,
+                                              self._expected) if decoded else []
         self.last_train_metrics = None
         if not decoded:
             log.warning("round %d: no acceptable client update; global state unchanged", rnd)
@@ -234,6 +259,55 @@ class DecodingStrategy(Strategy):
                 arrays = wire.to_arrayrecord(
                     self.downlink.commit(rnd, wire.from_arrayrecord(arrays)))
         return arrays, metrics
+
+    def _secagg_decode(self, rnd: int, replies: list[Message]) -> list[Message]:
+        """Masked replies -> one decoded reply with their unmasked mean. Each masked reply
+        is accounted for (bytes, size cap, privacy event) on its own; a round that cannot
+        be unmasked rejects every masked reply with the reason."""
+        t0 = time.perf_counter()
+        masked = [r for r in replies if self._masked_ok(r, rnd)]
+        dp = (self.client_dp, self._expected) if self.client_dp is not None else None
+        try:
+            out, bad = self.secagg.unmask(masked, self._global, dp)
+            update = wire.decode_update(out[0].content[wire.ARRAYS_KEY], self._global,
+                                        max_abs=self.max_abs) if out else None
+        except (SecAggAborted, UpdateRejected) as exc:
+            log.error("round %d: secure aggregation failed: %s", rnd, exc)
+            for reply in masked:
+                self._reject(rnd, reply, f"secagg: {exc}")
+            return []
+        for node, why in bad.items():
+            self.traffic.reject(rnd, str(node), self.partitions.get(node), why)
+        self.traffic.extra.update({f"secagg_bytes_{k.rsplit('_', 1)[1]}": float(v)
+                                   for k, v in self.secagg.bytes.items()})
+        self.traffic.extra["secagg_unmask_s"] = time.perf_counter() - t0
+        if update is None:
+            return []
+        full = {k: self._global[k] + update.deltas[k] for k in self._global}
+        out[0].content = RecordDict({wire.ARRAYS_KEY: wire.to_arrayrecord(full),
+                                     wire.METRICS_KEY: out[0].content[wire.METRICS_KEY]})
+        return out
+
+    def _masked_ok(self, reply: Message, rnd: int) -> bool:
+        """Account for one masked reply (errors are rejected here, by node)."""
+        node, pid = str(reply.metadata.src_node_id), self.partitions.learn(reply)
+        if reply.has_error():
+            self.traffic.reject(rnd, node, pid, f"client error: {reply.error.reason}")
+            return False
+        self.traffic.bytes_up[node] = wire.message_bytes(reply)
+        try:
+            metrics = reply.content.metric_records.get(wire.METRICS_KEY)
+            if metrics is None:
+                raise UpdateRejected(f"reply carries no '{wire.METRICS_KEY}' record")
+            self.traffic.note_privacy(node, pid, metrics, self.privacy_required)
+            screening.check_size(self.traffic.bytes_up[node], self.screen.max_reply_bytes)
+        except UpdateRejected as exc:
+            self.traffic.reject(rnd, node, pid, str(exc))
+            return False
+        arrays = reply.content.array_records.get(wire.ARRAYS_KEY)
+        if arrays is not None:
+            self.traffic.payload_bytes_up[node] = wire.payload_bytes(arrays)
+        return True
 
     def _reject(self, rnd: int, reply: Message, reason: str) -> None:
         node = str(reply.metadata.src_node_id)

@@ -26,5 +26,8 @@ _BUILTINS: dict[str, tuple[type, str]] = {
     "qfedavg": (fs.QFedAvg, "Li et al., ICLR 2020, arXiv 1905.10497"),
 }
 
+# Rules that need only Σ n_i·Δ_i / Σ n_i: they run under secure aggregation.
+_LINEAR = {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"}
+
 for _name, (_cls, _paper) in _BUILTINS.items():
-    STRATEGIES.add(_name, StrategySpec(factory=_cls, paper=_paper))
+    STRATEGIES.add(_name, StrategySpec(factory=_cls, paper=_paper, linear=_name in _LINEAR))

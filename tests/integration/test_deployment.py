@@ -1,5 +1,5 @@
 """The same app on a real SuperLink + 2 SuperNodes over gRPC on 127.0.0.1: FedKSeed in
-the clear, LoRA over TLS with SuperNode authentication."""
+the clear, LoRA over TLS with SuperNode authentication and secure aggregation."""
 
 from __future__ import annotations
 
@@ -56,15 +56,18 @@ def test_loopback_grpc_deployment_two_supernodes(tmp_path: Path, app_dir: Path,
         assert all(torch.equal(client[k], server[k]) for k in server)
 
 
-def test_tls_and_node_auth_registered_nodes_train_and_an_unregistered_one_is_refused(
+def test_tls_node_auth_and_secure_aggregation_over_real_supernodes(
         tmp_path: Path, app_dir: Path) -> None:
+    """TLS + SuperNode auth: the 3 registered nodes train one SecAgg+ round (every stage
+    over the real Fleet API); a node with an unknown key and one with none are refused."""
     out = tmp_path / "runs"
     overrides = [o for o in tiny_overrides(out, "x") if not o.startswith(("run.run_id",
                                                                            "run.output_dir"))]
     logs = tmp_path / "deploy"
     cmd = [sys.executable, str(app_dir / "scripts" / "deploy_local.py"), "--auth",
-           "--clients", "2", "--unregistered", "2", "--output-dir", str(out), "--workdir",
-           str(logs), "--timeout", "600", "--", *overrides, "run.num_rounds=1"]
+           "--clients", "3", "--unregistered", "2", "--output-dir", str(out), "--workdir",
+           str(logs), "--timeout", "600", "--", *overrides, "run.num_rounds=1",
+           "secagg.enabled=true"]
     before = process_snapshot()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
@@ -73,9 +76,9 @@ def test_tls_and_node_auth_registered_nodes_train_and_an_unregistered_one_is_ref
     (run_dir,) = list(out.iterdir())
     records = RunDir(run_dir).records()
     assert [r["round"] for r in records] == [0, 1]
-    assert records[1]["num_clients"] == 2 and len(records[1]["bytes_up"]) == 2
-    assert records[1]["num_rejected"] == 0
-    unknown_key, no_key = ((logs / f"unregistered-{i}.log").read_text() for i in (2, 3))
+    assert records[1]["num_clients"] == 3 and len(records[1]["bytes_up"]) == 3
+    assert records[1]["num_rejected"] == 0 and records[1]["extra"]["secagg_bytes_share"] > 0
+    unknown_key, no_key = ((logs / f"unregistered-{i}.log").read_text() for i in (3, 4))
     assert "Failed to activate SuperNode" in unknown_key, unknown_key[-2000:]
     assert "All SuperNodes must be registered" in no_key, no_key[-2000:]
     link = (logs / "superlink.log").read_text()

@@ -1,5 +1,6 @@
 """A real `flwr run` simulation (local SuperLink + Ray) on the tiny model, and resume;
-the same run captures what the server observed and checks it is what FedAvg aggregated."""
+the same run captures what the server observed and checks it is what FedAvg aggregated,
+and its round 1 is repeated under SecAgg+ to the same global model."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def test_flwr_simulation_three_clients_two_rounds_then_resume(
     assert run.latest_checkpoint()[0] == 3
     _assert_checkpoint_loads_with_peft(run, base)
     _assert_captures_are_what_fedavg_aggregated(run, rounds=3, clients=3)
+    _assert_secure_round_equals_the_plain_round(run, out, app_dir)
+
+
+def _assert_secure_round_equals_the_plain_round(plain: RunDir, out: Path, app_dir: Path
+                                                ) -> None:
+    """The same round 1 under SecAgg+ (keys, shares, masked updates, unmasking over the
+    simulation's messages) gives the same global adapter within fixed-point error."""
+    from safetensors.numpy import load_file
+
+    base = [*tiny_overrides(out, "secure"), "sim.num_clients=3", "sim.client_cpus=1"]
+    assert cli.main(["simulate", *base, "run.num_rounds=1", "secagg.enabled=true",
+                     "--app", str(app_dir)]) == 0
+    secure = RunDir(out / "secure")
+    rec = secure.records()[1]
+    assert rec["num_clients"] == 3 and rec["num_rejected"] == 0
+    assert rec["extra"]["secagg_bytes_keys"] > 0 and rec["extra"]["secagg_bytes_unmask"] > 0
+    name = "adapter_model.safetensors"
+    a = load_file(str(plain.checkpoint_dir(1) / name))
+    b = load_file(str(secure.checkpoint_dir(1) / name))
+    assert set(a) == set(b)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-6
 
 
 def _assert_captures_are_what_fedavg_aggregated(run: RunDir, rounds: int, clients: int) -> None:

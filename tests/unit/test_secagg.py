@@ -104,6 +104,8 @@ def test_parameters_graph_and_protocol_violations_fail_with_the_reason() -> None
         check_params(10, 4, 2)
     graph = neighbours(range(10), 4, RNG)
     assert all(len(v) == 4 and all(a in graph[b] for b in v) for a, v in graph.items())
+    big = [17139739380951909927, 7779486201788493592, 12345]  # Flower node ids are uint64
+    assert sorted(neighbours(big, 2, RNG)) == sorted(big)
     client = ClientRound(1, 1)
     with pytest.raises(SecAggAborted, match="inconsistent unmask request"):
         client.reveal([2, 3], [3])
