@@ -20,6 +20,7 @@ from fedpeft.config import (
     EvalConfig,
     RunConfig,
     ScreenConfig,
+    SecAggConfig,
     SimConfig,
     default_config_dir,
     load_components,
@@ -31,7 +32,8 @@ from fedpeft.models import ModelConfig
 from fedpeft.privacy import PRIVACY
 
 _PLAIN = {"model": ModelConfig, "data": DataConfig, "run": RunConfig, "eval": EvalConfig,
-          "sim": SimConfig, "screen": ScreenConfig, "capture": CaptureConfig}
+          "sim": SimConfig, "screen": ScreenConfig, "secagg": SecAggConfig,
+          "capture": CaptureConfig}
 _COMPONENTS = ("model", "data", "method", "strategy", "privacy", "compression")
 _REGISTRIES = {"method": METHODS, "privacy": PRIVACY, "compression": COMPRESSORS}
 

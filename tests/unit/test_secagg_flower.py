@@ -122,3 +122,28 @@ def test_too_few_clients_fail_the_round_with_the_reason() -> None:
                                         LoopGrid(updates))
     assert messages == []
     assert "at least 3 clients" in strategy.traffic.rejected["secagg"]
+
+
+def test_client_level_dp_noise_goes_on_the_unmasked_sum() -> None:
+    """Clients clip and send weight 1; the server adds N(0, σ²C²) to the unmasked sum
+    and divides by q·N: with σ = 0 that is the plain mean of the clipped deltas, with
+    σ > 0 the result moves by about σC/(q·N) per coordinate."""
+    from fedpeft.privacy.client import LEDGER_KEY, ClientDPConfig
+    from strategies.client_dp import clip
+
+    clipped = {n: (clip(d, 1.0)[0], 1) for n, (d, _) in _updates(2).items()}
+    means = []
+    for sigma in (0.0, 4.0):
+        strategy = DecodingStrategy(build_strategy("fedavg", {"min_train_nodes": 3}))
+        strategy.secagg = SecAggServer(SecAggConfig(enabled=True))
+        strategy.enable_client_dp(ClientDPConfig(clip=1.0, noise_multiplier=sigma,
+                                                 sample_rate=1.0))
+        grid = LoopGrid(clipped)
+        messages = strategy.configure_train(1, wire.to_arrayrecord(REF), ConfigRecord(), grid)
+        arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+        means.append(wire.from_arrayrecord(arrays))
+        assert LEDGER_KEY in strategy.traffic.privacy  # the round is accounted
+    plain = _fedavg(clipped)
+    assert all(np.abs(means[0][k] - plain[k]).max() < 1e-6 for k in REF)
+    noise = np.concatenate([(means[1][k] - plain[k]).ravel() for k in REF])
+    assert 0.5 < noise.std() / (4.0 / len(NODES)) < 1.6
