@@ -4,6 +4,7 @@ the clear, LoRA over TLS with SuperNode authentication and secure aggregation.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from fedpeft.reporting import RunDir
 from tests.integration.conftest import leftovers, process_snapshot, tiny_overrides
+from tests.plugins import faulty
 
 pytestmark = pytest.mark.slow
 
@@ -58,27 +60,34 @@ def test_loopback_grpc_deployment_two_supernodes(tmp_path: Path, app_dir: Path,
 
 def test_tls_node_auth_and_secure_aggregation_over_real_supernodes(
         tmp_path: Path, app_dir: Path) -> None:
-    """TLS + SuperNode auth: the 3 registered nodes train one SecAgg+ round (every stage
-    over the real Fleet API); a node with an unknown key and one with none are refused."""
+    """TLS + SuperNode auth: 4 registered nodes run one SecAgg+ round (every stage over
+    the real Fleet API) in which partition 0 drops out after key sharing (it raises in
+    training); the other 3 are summed. A node with an unknown key and one with none are
+    refused."""
     out = tmp_path / "runs"
     overrides = [o for o in tiny_overrides(out, "x") if not o.startswith(("run.run_id",
                                                                            "run.output_dir"))]
     logs = tmp_path / "deploy"
     cmd = [sys.executable, str(app_dir / "scripts" / "deploy_local.py"), "--auth",
-           "--clients", "3", "--unregistered", "2", "--output-dir", str(out), "--workdir",
+           "--clients", "4", "--unregistered", "2", "--output-dir", str(out), "--workdir",
            str(logs), "--timeout", "600", "--", *overrides, "run.num_rounds=1",
-           "secagg.enabled=true"]
+           "secagg.enabled=true", "method.name=fail_first"]
     before = process_snapshot()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "FEDPEFT_PLUGINS": faulty.PATH}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert leftovers(before) == []
     (run_dir,) = list(out.iterdir())
     records = RunDir(run_dir).records()
     assert [r["round"] for r in records] == [0, 1]
-    assert records[1]["num_clients"] == 3 and len(records[1]["bytes_up"]) == 3
-    assert records[1]["num_rejected"] == 0 and records[1]["extra"]["secagg_bytes_share"] > 0
-    unknown_key, no_key = ((logs / f"unregistered-{i}.log").read_text() for i in (3, 4))
+    rec = records[1]
+    assert rec["num_clients"] == 3 and len(rec["bytes_up"]) == 3, rec
+    (reason,) = rec["rejected"].values()
+    assert "injected dropout of partition 0" in reason
+    assert [e["partition"] for e in rec["excluded"]] == [0]
+    assert rec["extra"]["secagg_bytes_share"] > 0 and rec["extra"]["secagg_bytes_unmask"] > 0
+    unknown_key, no_key = ((logs / f"unregistered-{i}.log").read_text() for i in (4, 5))
     assert "Failed to activate SuperNode" in unknown_key, unknown_key[-2000:]
     assert "All SuperNodes must be registered" in no_key, no_key[-2000:]
     link = (logs / "superlink.log").read_text()

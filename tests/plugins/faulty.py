@@ -5,7 +5,8 @@ top of the lora YAML:
 
 - ``fail``: every client raises in local training;
 - ``stall``: every client sleeps forever in local training (watchdog tests);
-- ``scaled``: partition 0 sends its real update multiplied by 100 (robust strategies).
+- ``scaled``: partition 0 sends its real update multiplied by 100 (robust strategies);
+- ``fail_first``: partition 0 raises, the others train (a dropout mid-round).
 """
 
 from __future__ import annotations
@@ -56,3 +57,16 @@ class ScaledMethod(LoraMethod):
             return result
         scaled = DenseUpdate({k: v * 100.0 for k, v in result.update.deltas.items()})
         return TrainResult(scaled, result.num_examples, result.metrics)
+
+
+@METHODS.register("fail_first")
+class FailFirstMethod(LoraMethod):
+    """Partition 0 raises in local training (after any key exchange that came before the
+    training message: a dropout after key sharing, for secure aggregation)."""
+
+    name = "fail_first"
+
+    def train(self, model: nn.Module, examples: Sequence[Any], ctx: TrainContext) -> TrainResult:
+        if ctx.partition_id == 0:
+            raise RuntimeError("injected dropout of partition 0 in local training")
+        return super().train(model, examples, ctx)
