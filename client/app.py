@@ -21,7 +21,7 @@ from flwr.common.constant import ErrorCode
 from client import secagg
 from client.downlink import global_arrays
 from client.seed_sync import base_path, save_base, sync_node
-from fedpeft import wire
+from fedpeft import cluster, wire
 from fedpeft.compression import build_compressor
 from fedpeft.compression.base import residual_update
 from fedpeft.config import FedPeftConfig, compose
@@ -101,7 +101,8 @@ def _train(msg: Message, context: Context) -> Message:
     if getattr(cfg.privacy, "name", "none") == "client":
         result = _clip_update(result, cfg.privacy.clip)
     content = wire.reply_content(_reply_arrays(result, cfg, msg, context), result.num_examples,
-                                 {**result.metrics, **extra_metrics}, partition_id=pid)
+                                 {**result.metrics, **extra_metrics}, partition_id=pid,
+                                 placement=cluster.placement())
     return Message(content=content, reply_to=msg)
 
 

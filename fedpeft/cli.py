@@ -316,7 +316,7 @@ def _compare(dirs: list[Path], out: Path, sweep_id: str) -> None:
 def _launch(app: Path, overrides: list[str], cfg: object,
             run: RunDir) -> tuple[int | None, str | None]:
     """Start the control plane and ``flwr run``; always stop everything started."""
-    ws = RunWorkspace()
+    ws = RunWorkspace(ray_address=cfg.sim.ray_address)  # type: ignore[attr-defined]
     logs = run.path / "logs"
     code, reason = None, None
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import schema
+from fedpeft.cluster import check_ray_address
 from fedpeft.compression import COMPRESSORS
 from fedpeft.compression.base import CompressionConfig, build_compressor, check_update_kind
 from fedpeft.data import DataConfig
@@ -141,8 +142,10 @@ class SimConfig:
     num_clients: int = 4
     client_cpus: int = 2
     client_gpus: float = 0.0
+    ray_address: str | None = None  # null: private Ray; 'auto' or host:port: join a cluster
 
     def validate(self) -> None:
+        check_ray_address(self.ray_address)
         if self.num_clients < 1:
             raise ConfigError(f"sim.num_clients must be >= 1 (one simulated client per data "
                               f"partition), found {self.num_clients}")

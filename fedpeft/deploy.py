@@ -24,16 +24,16 @@ import argparse
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fedpeft.launch import (
-    Interrupted,
     run_config_string,
+    run_guarded,
     settle_status,
-    signals_ignored,
-    signals_raise,
+    wait_final,
     write_connection,
 )
 from fedpeft.pki import Deployment, make_deployment
@@ -54,11 +54,12 @@ class Federation:
     pki: Deployment | None = None
     auth: bool = False
     link: subprocess.Popen | None = None  # the SuperLink process now serving
+    host: str = "127.0.0.1"  # the Fleet API's address (SuperNodes connect there)
 
 
 def superlink_command(fed: Federation) -> list[str]:
     """``flower-superlink`` for ``fed``: persistent state, TLS and node auth as asked."""
-    cmd = [tool_path("flower-superlink"), "--fleet-api-address", f"127.0.0.1:{fed.fleet}",
+    cmd = [tool_path("flower-superlink"), "--fleet-api-address", f"{fed.host}:{fed.fleet}",
            "--host", "127.0.0.1", "--port", str(fed.api), "--database", str(fed.database),
            "--disable-runtime-dependency-installation"]
     if fed.pki is None:
@@ -71,7 +72,7 @@ def superlink_command(fed: Federation) -> list[str]:
 def supernode_command(fed: Federation, i: int, clients: int, keyed: bool = True) -> list[str]:
     """``flower-supernode`` number ``i`` (partition ``i`` of ``clients``); with node auth
     it signs with its key unless ``keyed`` is False."""
-    cmd = [tool_path("flower-supernode"), "--superlink", f"127.0.0.1:{fed.fleet}", "--port",
+    cmd = [tool_path("flower-supernode"), "--superlink", f"{fed.host}:{fed.fleet}", "--port",
            str(free_port()), "--node-config", f"partition-id={i % clients} "
            f"num-partitions={clients}"]
     if fed.pki is None:
@@ -107,10 +108,12 @@ def start_federation(ws: RunWorkspace, clients: int, logs: Path, *, tls: bool = 
     return fed
 
 
-def register(ws: RunWorkspace, fed: Federation, i: int) -> None:
-    """``flwr supernode register`` node ``i``'s public key with the SuperLink."""
-    cmd = [tool_path("flwr"), "supernode", "register", str(fed.pki.node_public_key(i)),
-           CONNECTION]
+def register(ws: RunWorkspace, fed: Federation, i: int,
+             wrap: Callable[[list[str]], list[str]] = list) -> None:
+    """``flwr supernode register`` node ``i``'s public key with the SuperLink (the command
+    wrapped by ``wrap``, e.g. to run it in another network namespace)."""
+    cmd = wrap([tool_path("flwr"), "supernode", "register", str(fed.pki.node_public_key(i)),
+                CONNECTION])
     done = subprocess.run(cmd, env=ws.env(), capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"registering SuperNode {i} failed: {done.stdout}{done.stderr}")
@@ -122,28 +125,27 @@ def run(args: argparse.Namespace) -> int:
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-deploy"
     out = Path(args.output_dir).resolve()
     overrides = [*args.overrides, f"run.output_dir={out}", f"run.run_id={run_id}"]
-    ws, code, reason = RunWorkspace(prefix="fedpeft-deploy-"), None, None
-    try:
-        with signals_raise():
-            start_federation(ws, args.clients, logs, tls=args.tls or args.auth,
-                             auth=args.auth, unregistered=args.unregistered)
-            cmd = [tool_path("flwr"), "run", str(args.app), CONNECTION, "--stream",
-                   "--run-config", f"overrides={run_config_string(overrides)}"]
-            print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
-            proc = ws.start_foreground(cmd)
-            code = proc.wait(timeout=args.timeout)
-    except Interrupted as exc:
-        reason = f"interrupted by {exc} while the run was in progress"
-    except Exception as exc:  # a failed start or a timeout still stops everything
-        reason = f"{type(exc).__name__}: {exc}"
-    finally:
-        with signals_ignored():
-            ws.stop()
-            ws.remove()
-    return _check(RunDir(out / run_id), code, reason, logs)
+    ws = RunWorkspace(prefix="fedpeft-deploy-")
+
+    def body() -> int:
+        start_federation(ws, args.clients, logs, tls=args.tls or args.auth, auth=args.auth,
+                         unregistered=args.unregistered)
+        cmd = [tool_path("flwr"), "run", str(args.app), CONNECTION, "--stream",
+               "--run-config", f"overrides={run_config_string(overrides)}"]
+        print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        code = ws.start_foreground(cmd).wait(timeout=args.timeout)
+        wait_final(RunDir(out / run_id))
+        return code
+
+    def cleanup() -> None:
+        ws.stop()
+        ws.remove()
+
+    code, reason = run_guarded(body, cleanup)
+    return finish(RunDir(out / run_id), code, reason, logs)
 
 
-def _check(run_dir: RunDir, code: int | None, reason: str | None, logs: Path) -> int:
+def finish(run_dir: RunDir, code: int | None, reason: str | None, logs: Path) -> int:
     status = settle_status(run_dir, code, reason) if run_dir.path.exists() else {
         "state": "failed", "error": reason or "the ServerApp never started"}
     if status.get("state") != "completed":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shlex
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,25 @@ def signals_ignored() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def run_guarded(body: Callable[[], int | None],
+                cleanup: Callable[[], None]) -> tuple[int | None, str | None]:
+    """``(exit code, None)`` of ``body`` run with SIGINT/SIGTERM raising, or ``(None,
+    reason)`` when it was interrupted or failed; ``cleanup`` always runs, with the signals
+    ignored so that stopping everything is not itself cut short."""
+    code, reason = None, None
+    try:
+        with signals_raise():
+            code = body()
+    except Interrupted as exc:
+        reason = f"interrupted by {exc} while the run was in progress"
+    except Exception as exc:  # a failed start or a timeout still stops everything
+        reason = f"{type(exc).__name__}: {exc}"
+    finally:
+        with signals_ignored():
+            cleanup()
+    return code, reason
 
 
 def flwr_run_command(app: Path, overrides: list[str], sim: Any,
@@ -142,6 +161,15 @@ def run_local(ws: RunWorkspace, cmd: list[str], run: RunDir, startup_s: float,
                 return None
         time.sleep(0.5)
     return int(proc.returncode)
+
+
+def wait_final(run: RunDir, timeout_s: float = 60.0) -> None:
+    """Give the ServerApp up to ``timeout_s`` to write its final status: ``flwr run``
+    can return (its log stream closed) while the ServerApp is still saving and exiting,
+    and stopping the federation then would kill it before it says ``completed``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and run.status().get("state") not in _FINAL:
+        time.sleep(0.5)
 
 
 def settle_status(run: RunDir, code: int | None, reason: str | None) -> dict[str, Any]:

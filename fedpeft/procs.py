@@ -8,7 +8,8 @@ therefore gives each run:
 
 - a private temp directory (short, so Ray's Unix socket paths fit) that holds
   ``FLWR_HOME`` and Ray's temp dir, and is removed at the end;
-- an environment in which Ray always starts its own instance (``RAY_ADDRESS=local``),
+- an environment in which Ray starts its own instance (``RAY_ADDRESS=local``) unless the
+  run names a cluster (``sim.ray_address``, :mod:`fedpeft.cluster`),
   every Flower executable resolves to this interpreter's environment, and a unique
   marker variable is inherited by every descendant;
 - :meth:`RunWorkspace.stop`, which finds the run's processes by PID tree *and* by the
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from fedpeft.cluster import ray_env
 
 MARKER_ENV = "FEDPEFT_RUN_WORKSPACE"
 # Ray's socket paths under its temp dir add ~70 characters; Unix sockets allow 107.
@@ -74,7 +77,8 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 class RunWorkspace:
     """Private temp space, environment and process bookkeeping of one local run."""
 
-    def __init__(self, prefix: str = "fedpeft-") -> None:
+    def __init__(self, prefix: str = "fedpeft-", ray_address: str | None = None) -> None:
+        self.ray_address = ray_address  # None: a private Ray instance (fedpeft.cluster)
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=temp_base()))
         self.flwr_home = self.path / "flwr_home"
         self.flwr_home.mkdir()
@@ -85,7 +89,9 @@ class RunWorkspace:
         env = dict(os.environ if base is None else base)
         env["PATH"] = os.pathsep.join([str(env_bin_dir()), env.get("PATH", "")])
         env.update({MARKER_ENV: str(self.path), "FLWR_HOME": str(self.flwr_home),
-                    "RAY_ADDRESS": "local", "RAY_TMPDIR": str(self.path)})
+                    **ray_env(self.ray_address)})
+        if self.ray_address is None:
+            env["RAY_TMPDIR"] = str(self.path)
         env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         return env

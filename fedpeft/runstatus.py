@@ -86,10 +86,13 @@ class StatusWriter:
         self._thread.start()
 
     def on_signal(self, signum: int) -> None:
-        """Record that ``signum`` ended the run (the first signal wins). Flower's app
+        """Record that ``signum`` ended the run (the first signal wins; a signal after the
+        run reached a final state changes nothing: it only stopped an exiting process). Flower's app
         processes send themselves SIGINT when their parent dies (a SuperLink or SuperExec
         killed), so a changed parent is named too."""
         name = signal.Signals(signum).name
+        if self.current.get("state") in FINAL:  # the run had ended; the process was exiting
+            return
         if self.signal is None:
             error = f"the server received {name} and stopped" + self._orphaned()
             self.set("failed", error=error, reason="signal", signal=name)

@@ -96,6 +96,7 @@ class RoundRecord:
     excluded: list[Exclusion] = field(default_factory=list)  # every rejection and exclusion
     privacy: Mapping[str, object] = field(default_factory=dict)  # worst ε so far (DP runs)
     extra: Mapping[str, float] = field(default_factory=dict)
+    placement: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # partition -> host
 
 
 def compact_counts(counts: np.ndarray) -> np.ndarray:

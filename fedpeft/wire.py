@@ -158,15 +158,29 @@ def _check_tensor(name: str, delta: np.ndarray, ref: np.ndarray, max_abs: float)
 
 def reply_content(
     arrays: ArrayRecord, num_examples: int, metrics: Mapping[str, float],
-    partition_id: int | None = None,
+    partition_id: int | None = None, placement: Mapping[str, str] | None = None,
 ) -> RecordDict:
     """Client reply: one ArrayRecord and one MetricRecord carrying ``num-examples`` and,
-    when given, the client's ``partition-id`` (so the server can say who sent what)."""
+    when given, the client's ``partition-id`` (so the server can say who sent what), plus
+    a ConfigRecord of where it ran (host, Ray node) when ``placement`` is given."""
     values: dict[str, float | int] = {k: float(v) for k, v in metrics.items()}
     values[NUM_EXAMPLES_KEY] = int(num_examples)
     if partition_id is not None:
         values[PARTITION_ID_KEY] = int(partition_id)
-    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(values)})
+    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(values)})
+    if placement:
+        content[PLACEMENT_KEY] = ConfigRecord({k: str(v) for k, v in placement.items()})
+    return content
+
+
+PLACEMENT_KEY = "placement"
+
+
+def placement_of(reply: Message) -> dict[str, str]:
+    """Where a reply's client ran (``{}`` for errors and replies that do not say)."""
+    if reply.has_error() or PLACEMENT_KEY not in reply.content.config_records:
+        return {}
+    return {k: str(v) for k, v in reply.content.config_records[PLACEMENT_KEY].items()}
 
 
 _PARTITION_IN_TEXT = re.compile(rf"{PARTITION_ID_KEY}=(\d+):")

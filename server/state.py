@@ -3,13 +3,14 @@ load the aggregated state, evaluate on the held-out split, checkpoint, record me
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedpeft import wire
+from fedpeft import cluster, wire
 from fedpeft.config import FedPeftConfig
 from fedpeft.data import load_task_data
 from fedpeft.evaluation import evaluate
@@ -70,11 +71,26 @@ class GlobalModel:
             log.info("fedpeft %s", format_progress(record, self.cfg.run.num_rounds))
         if server_round > 0:
             self.health.check(record)
+        if server_round == 1:
+            self._note_cluster()
         self._t_last = time.perf_counter()
         if ev is None:
             return None
         return MetricRecord({k: v for k, v in (("eval_loss", ev.loss),
                                                 ("eval_accuracy", ev.accuracy)) if v is not None})
+
+    def _note_cluster(self) -> None:
+        """Add the Ray cluster's nodes and resources to ``config.json`` (simulations only:
+        by the end of the first round the engine has started or joined it)."""
+        nodes = cluster.ray_nodes()
+        path = self.run.path / "config.json"
+        if nodes is None or not path.exists():
+            return
+        data = json.loads(path.read_text())
+        data["cluster"] = {"ray_address": self.cfg.sim.ray_address, "nodes": nodes}
+        self.run.write_json("config.json", data)
+        log.info("fedpeft: Ray cluster of %d node(s): %s", len(nodes),
+                 ", ".join(f"{n['ip']} {n['resources'].get('CPU', 0):g} CPU" for n in nodes))
 
     def _evaluate(self, rnd: int):
         every = self.cfg.eval.every
@@ -117,6 +133,7 @@ class GlobalModel:
             excluded=list(traffic.excluded) if traffic else [],
             privacy=privacy or {},
             extra=dict(getattr(traffic, "extra", {})) if traffic else {},
+            placement=_placement(self.strategy, traffic),
         )
 
     def _privacy(self, rnd: int, server_round: int) -> dict:
@@ -143,6 +160,12 @@ def _client_seconds(train: Any) -> float | None:
     """Mean client seconds of local work: training plus projection (Ferret)."""
     parts = [_metric(train, k) for k in ("train_time_s", "project_time_s")]
     return None if parts[0] is None else parts[0] + (parts[1] or 0.0)
+
+
+def _placement(strategy: Any, traffic: Any) -> dict:
+    """Where the round's replying clients ran (host, Ray node), by partition."""
+    partitions = getattr(strategy, "partitions", None)
+    return partitions.placement(traffic.bytes_up) if traffic and partitions else {}
 
 
 def _metric(record: Any, key: str) -> float | None:

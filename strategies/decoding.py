@@ -51,6 +51,7 @@ class NodePartitions:
 
     def __init__(self) -> None:
         self.known: dict[str, int] = {}
+        self.placed: dict[str, dict[str, str]] = {}  # node -> where its last reply ran
 
     def get(self, node: str | int) -> int | None:
         """The partition ``node`` last reported (None before it ever did)."""
@@ -61,7 +62,31 @@ class NodePartitions:
         node, pid = str(reply.metadata.src_node_id), _reply_partition(reply)
         if pid is not None:
             self.known[node] = pid
+        where = wire.placement_of(reply)
+        if where:
+            self.placed[node] = where
         return self.known.get(node)
+
+    def ordered(self, replies: Iterable[Message]) -> list[Message]:
+        """``replies`` by partition id, then node id (unknown partitions last).
+
+        Floating-point sums depend on their order; replies arrive in whatever order the
+        workers finish. Aggregating them by partition makes a run's result independent of
+        which worker (or Ray node) was faster."""
+        replies = list(replies)
+        for reply in replies:
+            self.learn(reply)
+
+        def key(reply: Message) -> tuple[int, int, int]:
+            pid = self.get(reply.metadata.src_node_id)
+            return (pid is None, pid or 0, int(reply.metadata.src_node_id))
+
+        return sorted(replies, key=key)
+
+    def placement(self, nodes: Iterable[str]) -> dict[str, dict[str, str]]:
+        """Where each of ``nodes`` ran, keyed by partition id (node id when unknown)."""
+        return {str(self.known.get(n, f"node-{n}")): self.placed[n] for n in nodes
+                if n in self.placed}
 
 
 def _reply_partition(reply: Message) -> int | None:
@@ -231,8 +256,9 @@ class DecodingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
+        replies = self.partitions.ordered(replies)
         if self.secagg is not None:
-            decoded = self._secagg_decode(rnd, list(replies))
+            decoded = self._secagg_decode(rnd, replies)
         else:
             decoded = [m for m in (self._decode(r, rnd) for r in replies) if m is not None]
         decoded = screening.screen_norms(decoded, self._global, self.screen.norm_k,

@@ -128,6 +128,7 @@ class ReplayStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
+        replies = self.partitions.ordered(replies)  # sums must not depend on arrival order
         parsed = [p for p in (self._parse(r, rnd) for r in replies) if p is not None]
         self.traffic.accepted = len(parsed)
         if not parsed:  # the round still exists in the history (as a no-op)

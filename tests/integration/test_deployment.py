@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedpeft import netfed
+from fedpeft.netfed import NetFedUnavailable
 from fedpeft.reporting import RunDir
 from tests.integration.conftest import leftovers, process_snapshot, tiny_overrides
 from tests.plugins import faulty
@@ -25,6 +27,16 @@ SEED_METHOD = ["method=fedkseed", "strategy=fedkseed", "method.num_seeds=64",
                "method.trainable='layers\\.[0-9]+\\.mlp\\.(up|down)_proj'"]
 
 
+def _namespaces_available() -> bool:
+    try:
+        netfed.check_requirements()
+    except NetFedUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_namespaces_available(), reason="FedKSeed over a deployment runs across "
+                    "emulated hosts in tests/integration/test_netfed.py on this machine")
 @pytest.mark.parametrize("method", ["fedkseed"])  # LoRA: the TLS test below
 def test_loopback_grpc_deployment_two_supernodes(tmp_path: Path, app_dir: Path,
                                                  method: str) -> None:

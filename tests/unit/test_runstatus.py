@@ -95,6 +95,17 @@ def test_sigterm_ends_the_run_failed_naming_the_signal(tmp_path: Path) -> None:
     assert "SIGTERM" in status["error"] and "SystemExit" not in status["error"]
 
 
+def test_a_signal_after_completion_leaves_completed(tmp_path: Path) -> None:
+    """A deployment stops the federation right after the run ends; the ServerApp may
+    still be exiting then and get SIGTERM: the run stays ``completed``."""
+    w = StatusWriter(RunDir(tmp_path))
+    w.set("running")
+    w.set("completed", rounds=2)
+    w.on_signal(signal.SIGTERM)
+    status = RunDir(tmp_path).status()
+    assert status["state"] == "completed" and "signal" not in status
+
+
 def test_status_command_exit_codes(tmp_path: Path, capsys) -> None:
     assert cli(["status", str(_status(tmp_path, state="completed", rounds=2))]) == 0
     assert cli(["status", str(_status(tmp_path, state="failed", error="boom"))]) == 1

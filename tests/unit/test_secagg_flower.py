@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import secagg as client_stages
-from fedpeft import wire
+from fedpeft import secagg, wire
 from fedpeft.config import SecAggConfig
 from fedpeft.types import DenseUpdate
 from strategies import build_strategy
@@ -84,6 +84,13 @@ def _fedavg(updates: dict[int, tuple[dict, int]], skip=()) -> dict[str, np.ndarr
     return {k: sum(d[k].astype(np.float64) * n for d, n in kept) / total for k in REF}
 
 
+def _sign_extended(words: np.ndarray) -> np.ndarray:
+    """Words whose top 24 bits are all 0 or all 1: every fixed-point encoding of a value
+    below 2^15 in magnitude (frac_bits 24), and almost no uniformly random word."""
+    top = words.view(np.uint64) >> np.uint64(40)
+    return (top == 0) | (top == (1 << 24) - 1)
+
+
 def test_secure_round_equals_plain_fedavg_and_hides_each_update() -> None:
     updates = _updates()
     grid = LoopGrid(updates)
@@ -96,10 +103,11 @@ def test_secure_round_equals_plain_fedavg_and_hides_each_update() -> None:
     assert {"secagg_bytes_keys", "secagg_bytes_share", "secagg_bytes_unmask"} <= set(
         strategy.traffic.extra)
     received = np.concatenate(list(grid.received.values()))
-    bits = np.unpackbits(received.view(np.uint8)).mean()
-    assert abs(bits - 0.5) < 0.01  # plain fixed point of N(0,1) values is mostly 0 or 1 bits
-    plain = wire.reply_content(wire.encode_update(DenseUpdate(updates[99][0])), 1, {})
-    assert wire.payload_bytes(plain[wire.ARRAYS_KEY]) < received.nbytes / len(NODES)
+    assert not _sign_extended(received).any()  # a uniform word: 2^-23 chance per word
+    plain = secagg.encode(secagg.flatten(updates[99][0]), 1.0, 24, len(NODES))
+    assert _sign_extended(plain).all()  # what the server would see without masks
+    sent = wire.reply_content(wire.encode_update(DenseUpdate(updates[99][0])), 1, {})
+    assert wire.payload_bytes(sent[wire.ARRAYS_KEY]) < received.nbytes / len(NODES)
 
 
 def test_dropout_after_key_sharing_is_survived_and_too_many_abort() -> None:

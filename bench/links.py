@@ -1,0 +1,205 @@
+"""Wall-clock over real (emulated) links: what each method costs in seconds per round when
+every node sits behind a rate-limited access link, not just in bytes.
+
+For each method and link profile, a real deployment (SuperLink + 4 SuperNodes, TLS and
+node authentication) runs across emulated hosts (``scripts/netfed.py``: one network
+namespace per host, ``tbf`` rate limits) on the default task (bundled SmolLM2-135M,
+bbc-news, Dirichlet 0.5). Per round it records the server's round time, the clients'
+training time, fedpeft's message bytes and the bytes on the interfaces.
+
+Compute and transfer are split by running every method once on ``lan`` (no limit): a
+round's *compute* is its ``lan`` time (training, evaluation, aggregation; transfers at
+bridge speed), and its *transfer* at a profile is the extra time over ``lan`` for the same
+method and round. Accuracy is the held-out accuracy after each round; with a fixed
+budget of rounds the best reached is reported (and the seconds to reach a target when
+``--target`` is given and reached).
+
+Profiles (up/down, Mbit/s): ``phone`` 1/10, ``edge`` 10/50, ``lan`` unlimited, ``mixed``
+lan, edge, phone, phone. Needs root and iproute2.
+
+    python bench/links.py --rounds 2 --out bench/results/links.json \
+        --plot bench/results/links.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedpeft import netdeploy  # noqa: E402
+from fedpeft.netfed import MIXED, PROFILES  # noqa: E402
+
+METHODS = {
+    "lora": ["method=lora", "strategy=fedavg"],
+    "lora+compeft": ["method=lora", "strategy=fedavg", "compression=compeft"],
+    "fedkseed": ["method=fedkseed", "strategy=fedkseed"],
+    "ferret": ["method=ferret", "strategy=ferret"],
+}
+PROFILE_NAMES = ["lan", "edge", "phone", "mixed"]
+TIMES = "\u00d7"
+
+
+def run_one(method: str, profile: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One deployment; its per-round rows from ``netfed.json`` and ``metrics.jsonl``."""
+    run_id = f"links-{method.replace('+', '-')}-{profile}-{int(time.time())}"
+    extra = [*METHODS[method], *args.method_overrides.get(method, []), *args.overrides,
+             f"run.num_rounds={args.rounds}"]
+    argv = ["--nodes", str(args.nodes), "--links", profile, "--output-dir", str(args.runs),
+            "--run-id", run_id, "--", *extra]
+    t0 = time.perf_counter()
+    code = netdeploy.main(argv)
+    wall = time.perf_counter() - t0
+    run = Path(args.runs) / run_id
+    if code != 0 or not (run / "netfed.json").exists():
+        return {"method": method, "profile": profile, "failed": True, "exit": code}
+    return summarize_run(method, profile, run, wall)
+
+
+def summarize_run(method: str, profile: str, run: Path, wall: float) -> dict[str, Any]:
+    """Per-round time, bytes and accuracy of one finished run."""
+    net = json.loads((run / "netfed.json").read_text())
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [_round_row(rec, row) for rec, row in zip(records, net["rounds"], strict=False)
+              if rec["round"] > 0]
+    return {"method": method, "profile": profile, "run": run.name, "total_s": wall,
+            "links": net["links"], "acc0": records[0].get("eval_accuracy"),
+            "rounds": rounds, "overhead_ratio": net["overhead_ratio"]}
+
+
+def _round_row(rec: dict, row: dict) -> dict[str, Any]:
+    return {"round": rec["round"], "wall_s": rec["wall_time_s"],
+            "client_train_s": rec.get("client_train_s"), "eval_s": rec.get("eval_time_s"),
+            "accuracy": rec.get("eval_accuracy"),
+            "fedpeft_bytes": row["fedpeft_bytes_up"] + row["fedpeft_bytes_down"],
+            "iface_bytes": row["iface_bytes_up"] + row["iface_bytes_down"],
+            "iface_up": row["iface_bytes_up"], "iface_down": row["iface_bytes_down"]}
+
+
+def split(results: list[dict], target: float | None) -> list[dict[str, Any]]:
+    """The table: per method and profile, seconds per round split against ``lan``."""
+    lan = {r["method"]: r for r in results if r["profile"] == "lan" and not r.get("failed")}
+    table = []
+    for r in results:
+        if r.get("failed"):
+            table.append({"method": r["method"], "profile": r["profile"], "failed": True})
+            continue
+        table.append(_split_row(r, lan.get(r["method"]), target))
+    return table
+
+
+def _split_row(r: dict, base: dict | None, target: float | None) -> dict[str, Any]:
+    walls = [x["wall_s"] for x in r["rounds"]]
+    compute = statistics.mean(x["wall_s"] for x in base["rounds"]) if base else None
+    accs = [x["accuracy"] for x in r["rounds"] if x["accuracy"] is not None]
+    return {"method": r["method"], "profile": r["profile"],
+            "round_s": statistics.mean(walls), "compute_s": compute,
+            "transfer_s": statistics.mean(walls) - compute if compute is not None else None,
+            "client_train_s": statistics.mean(x["client_train_s"] or 0 for x in r["rounds"]),
+            "iface_mib_per_round": statistics.mean(x["iface_bytes"] for x in r["rounds"]) / 2**20,
+            "fedpeft_mib_per_round": statistics.mean(x["fedpeft_bytes"]
+                                                     for x in r["rounds"]) / 2**20,
+            "acc0": r["acc0"], "best_acc": max(accs) if accs else None,
+            "rounds_to_target": _to_target(r["rounds"], target),
+            "seconds_to_target": _seconds_to_target(r["rounds"], target)}
+
+
+def _to_target(rounds: list[dict], target: float | None) -> int | None:
+    for x in rounds:
+        if target is not None and (x["accuracy"] or 0) >= target:
+            return x["round"]
+    return None
+
+
+def _seconds_to_target(rounds: list[dict], target: float | None) -> float | None:
+    hit = _to_target(rounds, target)
+    return None if hit is None else sum(x["wall_s"] for x in rounds if x["round"] <= hit)
+
+
+def markdown(table: list[dict]) -> str:
+    """The README table."""
+    lines = ["| method | link | s/round | compute s | transfer s | vs LoRA | MiB/round on the "
+             "interfaces (fedpeft's) | acc r0 → best |", "|---|---|---|---|---|---|---|---|"]
+    lora = {t["profile"]: t for t in table if t["method"] == "lora" and not t.get("failed")}
+    for t in table:
+        if t.get("failed"):
+            lines.append(f"| {t['method']} | {t['profile']} | failed | | | | | |")
+            continue
+        ratio = t["round_s"] / lora[t["profile"]]["round_s"] if t["profile"] in lora else None
+        times = f"{ratio:.2f}" + TIMES if ratio else ""
+        lines.append(
+            f"| {t['method']} | {t['profile']} | {t['round_s']:.1f} | {t['compute_s']:.1f} | "
+            f"{t['transfer_s']:+.1f} | {times} | "
+            f"{t['iface_mib_per_round']:.2f} ({t['fedpeft_mib_per_round']:.2f}) | "
+            f"{t['acc0']:.3f} → {t['best_acc']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], path: Path) -> None:
+    """Stacked bars: compute and transfer seconds per round, per method, per profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [t for t in table if not t.get("failed")]
+    methods = list(dict.fromkeys(t["method"] for t in rows))
+    fig, axes = plt.subplots(1, len(PROFILE_NAMES), figsize=(4 * len(PROFILE_NAMES), 3.6),
+                             sharey=True)
+    for ax, profile in zip(axes, PROFILE_NAMES, strict=True):
+        got = {t["method"]: t for t in rows if t["profile"] == profile}
+        comp = [got[m]["compute_s"] if m in got else 0 for m in methods]
+        trans = [max(got[m]["transfer_s"], 0) if m in got else 0 for m in methods]
+        ax.bar(methods, comp, label="compute")
+        ax.bar(methods, trans, bottom=comp, label="transfer (over lan)")
+        ax.set_title(profile)
+        ax.tick_params(axis="x", rotation=30)
+    axes[0].set_ylabel("seconds per round")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--profiles", nargs="+", default=PROFILE_NAMES)
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--target", type=float, default=None, help="eval accuracy to reach")
+    p.add_argument("--seed-steps", type=int, default=None,
+                   help="local steps of fedkseed and ferret (default: their configs')")
+    p.add_argument("--runs", default="runs/links")
+    p.add_argument("--out", default="bench/results/links.json")
+    p.add_argument("--plot", default="bench/results/links.png")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    args = p.parse_args(argv)
+    steps = [f"method.local_steps={args.seed_steps}"] if args.seed_steps else []
+    args.method_overrides = {"fedkseed": steps, "ferret": steps}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    results = [run_one(m, p, args) for m in args.methods for p in args.profiles]
+    table = split(results, args.target)
+    out = {"machine": {"cpus": 2, "platform": platform.platform()},
+           "profiles": {k: v.describe() for k, v in PROFILES.items()}, "mixed": list(MIXED),
+           "nodes": args.nodes, "rounds": args.rounds, "overrides": args.overrides,
+           "method_overrides": args.method_overrides, "table": table, "runs": results}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(markdown(table))
+    plot(table, Path(args.plot))
+    return 0 if not any(t.get("failed") for t in table) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
