@@ -14,11 +14,13 @@ method and round. Accuracy is the held-out accuracy after each round; with a fix
 budget of rounds the best reached is reported (and the seconds to reach a target when
 ``--target`` is given and reached).
 
-Profiles (up/down, Mbit/s): ``phone`` 1/10, ``edge`` 10/50, ``lan`` unlimited, ``mixed``
+The SuperLink keeps its state in memory here: with its SQLite file, a reply push under
+this load once failed with ``database is locked`` and that round waited for the round
+timeout. Profiles (up/down, Mbit/s): ``phone`` 1/10, ``edge`` 10/50, ``lan`` unlimited, ``mixed``
 lan, edge, phone, phone. Needs root and iproute2.
 
-    python bench/links.py --rounds 2 --out bench/results/links.json \
-        --plot bench/results/links.png
+    python bench/links.py --rounds 2 --fedkseed-steps 50 --out bench/results/links.json \
+        --plot bench/results/links.png -- eval.max_examples=30
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def run_one(method: str, profile: str, args: argparse.Namespace) -> dict[str, An
     extra = [*METHODS[method], *args.method_overrides.get(method, []), *args.overrides,
              f"run.num_rounds={args.rounds}"]
     argv = ["--nodes", str(args.nodes), "--links", profile, "--output-dir", str(args.runs),
-            "--run-id", run_id, "--", *extra]
+            "--run-id", run_id, "--memory-state", "--", *extra]
     t0 = time.perf_counter()
     code = netdeploy.main(argv)
     wall = time.perf_counter() - t0
@@ -84,6 +86,17 @@ def _round_row(rec: dict, row: dict) -> dict[str, Any]:
             "iface_up": row["iface_bytes_up"], "iface_down": row["iface_bytes_down"]}
 
 
+def rebuild(runs: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Results of the finished runs under ``runs`` (the latest per method and profile)."""
+    found: dict[tuple[str, str], Path] = {}
+    for run in sorted(runs.glob("links-*"), key=lambda p: p.name.rsplit("-", 1)[-1]):
+        if (run / "netfed.json").exists():
+            method, profile = run.name[len("links-"):].rsplit("-", 2)[:2]
+            found[(method.replace("lora-compeft", "lora+compeft"), profile)] = run
+    return [summarize_run(m, p, found[(m, p)], float("nan"))
+            for m in args.methods for p in args.profiles if (m, p) in found]
+
+
 def split(results: list[dict], target: float | None) -> list[dict[str, Any]]:
     """The table: per method and profile, seconds per round split against ``lan``."""
     lan = {r["method"]: r for r in results if r["profile"] == "lan" and not r.get("failed")}
@@ -96,14 +109,22 @@ def split(results: list[dict], target: float | None) -> list[dict[str, Any]]:
     return table
 
 
+def _steady(rounds: list[dict]) -> list[dict]:
+    """Rounds after the first: round 1 of a deployment also starts every ClientApp
+    process and loads the model there."""
+    return rounds[1:] or rounds
+
+
 def _split_row(r: dict, base: dict | None, target: float | None) -> dict[str, Any]:
-    walls = [x["wall_s"] for x in r["rounds"]]
-    compute = statistics.mean(x["wall_s"] for x in base["rounds"]) if base else None
+    walls = [x["wall_s"] for x in _steady(r["rounds"])]
+    compute = statistics.mean(x["wall_s"] for x in _steady(base["rounds"])) if base else None
     accs = [x["accuracy"] for x in r["rounds"] if x["accuracy"] is not None]
     return {"method": r["method"], "profile": r["profile"],
             "round_s": statistics.mean(walls), "compute_s": compute,
             "transfer_s": statistics.mean(walls) - compute if compute is not None else None,
-            "client_train_s": statistics.mean(x["client_train_s"] or 0 for x in r["rounds"]),
+            "round1_s": r["rounds"][0]["wall_s"],
+            "client_train_s": statistics.mean(x["client_train_s"] or 0
+                                              for x in _steady(r["rounds"])),
             "iface_mib_per_round": statistics.mean(x["iface_bytes"] for x in r["rounds"]) / 2**20,
             "fedpeft_mib_per_round": statistics.mean(x["fedpeft_bytes"]
                                                      for x in r["rounds"]) / 2**20,
@@ -136,11 +157,15 @@ def markdown(table: list[dict]) -> str:
         ratio = t["round_s"] / lora[t["profile"]]["round_s"] if t["profile"] in lora else None
         times = f"{ratio:.2f}" + TIMES if ratio else ""
         lines.append(
-            f"| {t['method']} | {t['profile']} | {t['round_s']:.1f} | {t['compute_s']:.1f} | "
-            f"{t['transfer_s']:+.1f} | {times} | "
+            f"| {t['method']} | {t['profile']} | {t['round_s']:.1f} | {_num(t['compute_s'])} | "
+            f"{_num(t['transfer_s'], '+.1f')} | {times} | "
             f"{t['iface_mib_per_round']:.2f} ({t['fedpeft_mib_per_round']:.2f}) | "
             f"{t['acc0']:.3f} → {t['best_acc']:.3f} |")
     return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str = ".1f") -> str:
+    return "" if value is None else format(value, fmt)
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -156,8 +181,8 @@ def plot(table: list[dict], path: Path) -> None:
                              sharey=True)
     for ax, profile in zip(axes, PROFILE_NAMES, strict=True):
         got = {t["method"]: t for t in rows if t["profile"] == profile}
-        comp = [got[m]["compute_s"] if m in got else 0 for m in methods]
-        trans = [max(got[m]["transfer_s"], 0) if m in got else 0 for m in methods]
+        comp = [got[m]["compute_s"] or 0 if m in got else 0 for m in methods]
+        trans = [max(got[m]["transfer_s"] or 0, 0) if m in got else 0 for m in methods]
         ax.bar(methods, comp, label="compute")
         ax.bar(methods, trans, bottom=comp, label="transfer (over lan)")
         ax.set_title(profile)
@@ -175,21 +200,26 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--target", type=float, default=None, help="eval accuracy to reach")
-    p.add_argument("--seed-steps", type=int, default=None,
-                   help="local steps of fedkseed and ferret (default: their configs')")
+    p.add_argument("--fedkseed-steps", type=int, default=None,
+                   help="FedKSeed's local steps (default: its config's 200)")
     p.add_argument("--runs", default="runs/links")
+    p.add_argument("--rebuild", action="store_true",
+                   help="no new runs: rebuild the table from the run directories in --runs")
     p.add_argument("--out", default="bench/results/links.json")
     p.add_argument("--plot", default="bench/results/links.png")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = p.parse_args(argv)
-    steps = [f"method.local_steps={args.seed_steps}"] if args.seed_steps else []
-    args.method_overrides = {"fedkseed": steps, "ferret": steps}
+    steps = [f"method.local_steps={args.fedkseed_steps}"] if args.fedkseed_steps else []
+    args.method_overrides = {"fedkseed": steps}
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    results = [run_one(m, p, args) for m in args.methods for p in args.profiles]
+    if args.rebuild:
+        results = rebuild(Path(args.runs), args)
+    else:
+        results = [run_one(m, p, args) for m in args.methods for p in args.profiles]
     table = split(results, args.target)
     out = {"machine": {"cpus": 2, "platform": platform.platform()},
            "profiles": {k: v.describe() for k, v in PROFILES.items()}, "mixed": list(MIXED),

@@ -50,7 +50,7 @@ class Federation:
 
     fleet: int
     api: int
-    database: Path
+    database: Path | None  # None: state in memory (nodes do not survive a restart)
     pki: Deployment | None = None
     auth: bool = False
     link: subprocess.Popen | None = None  # the SuperLink process now serving
@@ -60,8 +60,10 @@ class Federation:
 def superlink_command(fed: Federation) -> list[str]:
     """``flower-superlink`` for ``fed``: persistent state, TLS and node auth as asked."""
     cmd = [tool_path("flower-superlink"), "--fleet-api-address", f"{fed.host}:{fed.fleet}",
-           "--host", "127.0.0.1", "--port", str(fed.api), "--database", str(fed.database),
+           "--host", "127.0.0.1", "--port", str(fed.api),
            "--disable-runtime-dependency-installation"]
+    if fed.database is not None:
+        cmd += ["--database", str(fed.database)]
     if fed.pki is None:
         return [*cmd, "--insecure"]
     cmd += ["--ssl-ca-certfile", str(fed.pki.ca_cert), "--ssl-certfile",

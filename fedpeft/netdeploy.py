@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -71,13 +72,27 @@ class Meter(threading.Thread):
         self.sample()
 
 
+def threads_env(threads: int | None) -> list[str]:
+    """``env`` prefix capping a node's math threads (None: leave the default)."""
+    if threads is None:
+        return []
+    return ["env", f"OMP_NUM_THREADS={threads}", f"MKL_NUM_THREADS={threads}"]
+
+
 def start_federation(ws: RunWorkspace, net: NetFed, nodes: int, logs: Path,
-                     secure: bool = True) -> Federation:
+                     secure: bool = True, threads: int | None = None,
+                     memory_state: bool = False) -> Federation:
     """SuperLink in the server namespace, ``nodes`` SuperNodes in theirs; with ``secure``
-    TLS (certificate for the server's emulated address) and registered node keys."""
+    TLS (certificate for the server's emulated address) and registered node keys. Each
+    node's ClientApps use ``threads`` math threads: emulated hosts share this machine's
+    cores, and more threads than cores slow every one of them down. ``memory_state`` runs
+    the SuperLink without ``--database``: no restart survival, but no SQLite write lock
+    (under heavy load Flower 1.39's SQLite state can fail a node's reply push with
+    ``database is locked``, and that reply is lost)."""
     addr = net.hosts[SERVER].addr
     pki = make_deployment(ws.path / "pki", ["127.0.0.1", addr], nodes) if secure else None
-    fed = Federation(FLEET_PORT, CONTROL_PORT, ws.path / "superlink.db", pki, secure, host=addr)
+    db = None if memory_state else ws.path / "superlink.db"
+    fed = Federation(FLEET_PORT, CONTROL_PORT, db, pki, secure, host=addr)
     fed.link = ws.start(net.exec(SERVER, superlink_command(fed)), logs / "superlink.log")
     wait_port_in(net, SERVER, CONTROL_PORT, proc=fed.link)
     wait_port_in(net, SERVER, FLEET_PORT, proc=fed.link, addr=addr)
@@ -86,8 +101,8 @@ def start_federation(ws: RunWorkspace, net: NetFed, nodes: int, logs: Path,
     for i in range(nodes):
         if secure:
             register(ws, fed, i, wrap=lambda cmd: net.exec(SERVER, cmd))
-        ws.start(net.exec(node_name(i), _supernode_command(fed, i, nodes)),
-                 logs / f"supernode-{i}.log")
+        cmd = [*threads_env(threads), *_supernode_command(fed, i, nodes)]
+        ws.start(net.exec(node_name(i), cmd), logs / f"supernode-{i}.log")
     return fed
 
 
@@ -137,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
 
     def body() -> int:
         net.up()
-        start_federation(ws, net, args.nodes, logs, secure=not args.plain)
+        start_federation(ws, net, args.nodes, logs, secure=not args.plain,
+                         threads=args.threads or max(1, (os.cpu_count() or 1) // args.nodes),
+                         memory_state=args.memory_state)
         meters.append(Meter(net, run_dir.metrics_path))
         meters[0].start()
         code = _flwr_run(ws, net, args, overrides)
@@ -196,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--run-id", default=None)
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--memory-state", action="store_true", help="SuperLink state in memory "
+                   "instead of a SQLite file (benchmarks: no write-lock stalls under load)")
+    p.add_argument("--threads", type=int, default=None, help="math threads per node's "
+                   "ClientApp (default: this machine's CPUs / nodes, at least 1)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
