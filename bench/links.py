@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedpeft import netdeploy  # noqa: E402
-from fedpeft.netfed import MIXED, PROFILES  # noqa: E402
+from fedpeft.netfed import MIXED, PROFILES, links_for  # noqa: E402
 
 METHODS = {
     "lora": ["method=lora", "strategy=fedavg"],
@@ -73,6 +73,7 @@ def summarize_run(method: str, profile: str, run: Path, wall: float) -> dict[str
     rounds = [_round_row(rec, row) for rec, row in zip(records, net["rounds"], strict=False)
               if rec["round"] > 0]
     return {"method": method, "profile": profile, "run": run.name, "total_s": wall,
+            "nodes": len(net["links"]) - 1,
             "links": net["links"], "acc0": records[0].get("eval_accuracy"),
             "rounds": rounds, "overhead_ratio": net["overhead_ratio"]}
 
@@ -123,6 +124,8 @@ def _split_row(r: dict, base: dict | None, target: float | None) -> dict[str, An
             "round_s": statistics.mean(walls), "compute_s": compute,
             "transfer_s": statistics.mean(walls) - compute if compute is not None else None,
             "round1_s": r["rounds"][0]["wall_s"],
+            "link_bound_s": statistics.mean(link_bound(x, r["profile"], r["nodes"])
+                                            for x in _steady(r["rounds"])),
             "client_train_s": statistics.mean(x["client_train_s"] or 0
                                               for x in _steady(r["rounds"])),
             "iface_mib_per_round": statistics.mean(x["iface_bytes"] for x in r["rounds"]) / 2**20,
@@ -131,6 +134,16 @@ def _split_row(r: dict, base: dict | None, target: float | None) -> dict[str, An
             "acc0": r["acc0"], "best_acc": max(accs) if accs else None,
             "rounds_to_target": _to_target(r["rounds"], target),
             "seconds_to_target": _seconds_to_target(r["rounds"], target)}
+
+
+def link_bound(row: dict, profile: str, nodes: int) -> float:
+    """Seconds the slowest node needs to move its share of the round's interface bytes at
+    its link's rates (each node's share taken as equal): the transfer time a round cannot
+    beat, free of compute noise."""
+    up, down = row["iface_up"] / nodes, row["iface_down"] / nodes
+    return max((up * 8 / (link.up_kbit * 1000) if link.up_kbit else 0.0)
+               + (down * 8 / (link.down_kbit * 1000) if link.down_kbit else 0.0)
+               for link in links_for(profile, nodes))
 
 
 def _to_target(rounds: list[dict], target: float | None) -> int | None:
@@ -147,18 +160,20 @@ def _seconds_to_target(rounds: list[dict], target: float | None) -> float | None
 
 def markdown(table: list[dict]) -> str:
     """The README table."""
-    lines = ["| method | link | s/round | compute s | transfer s | vs LoRA | MiB/round on the "
-             "interfaces (fedpeft's) | acc r0 → best |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | link | round 1 s | s/round after | compute s | transfer s (link bound)"
+             " | vs LoRA | MiB/round on the interfaces (fedpeft's) | acc r0 → best |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lora = {t["profile"]: t for t in table if t["method"] == "lora" and not t.get("failed")}
     for t in table:
         if t.get("failed"):
-            lines.append(f"| {t['method']} | {t['profile']} | failed | | | | | |")
+            lines.append(f"| {t['method']} | {t['profile']} | failed | | | | | | |")
             continue
         ratio = t["round_s"] / lora[t["profile"]]["round_s"] if t["profile"] in lora else None
         times = f"{ratio:.2f}" + TIMES if ratio else ""
         lines.append(
-            f"| {t['method']} | {t['profile']} | {t['round_s']:.1f} | {_num(t['compute_s'])} | "
-            f"{_num(t['transfer_s'], '+.1f')} | {times} | "
+            f"| {t['method']} | {t['profile']} | {t['round1_s']:.1f} | {t['round_s']:.1f} | "
+            f"{_num(t['compute_s'])} | "
+            f"{_num(t['transfer_s'], '+.1f')} ({t['link_bound_s']:.1f}) | {times} | "
             f"{t['iface_mib_per_round']:.2f} ({t['fedpeft_mib_per_round']:.2f}) | "
             f"{t['acc0']:.3f} → {t['best_acc']:.3f} |")
     return "\n".join(lines)
@@ -177,18 +192,27 @@ def plot(table: list[dict], path: Path) -> None:
 
     rows = [t for t in table if not t.get("failed")]
     methods = list(dict.fromkeys(t["method"] for t in rows))
-    fig, axes = plt.subplots(1, len(PROFILE_NAMES), figsize=(4 * len(PROFILE_NAMES), 3.6),
-                             sharey=True)
-    for ax, profile in zip(axes, PROFILE_NAMES, strict=True):
+    profiles = [p for p in PROFILE_NAMES if any(t["profile"] == p for t in rows)]
+    fig, axes = plt.subplots(1, len(profiles), figsize=(4.5 * len(profiles), 3.8),
+                             sharey=True, squeeze=False)
+    for ax, profile in zip(axes[0], profiles, strict=True):
         got = {t["method"]: t for t in rows if t["profile"] == profile}
         comp = [got[m]["compute_s"] or 0 if m in got else 0 for m in methods]
         trans = [max(got[m]["transfer_s"] or 0, 0) if m in got else 0 for m in methods]
         ax.bar(methods, comp, label="compute")
         ax.bar(methods, trans, bottom=comp, label="transfer (over lan)")
+        unsplit = [got[m]["round_s"] if m in got and got[m]["compute_s"] is None else 0
+                   for m in methods]
+        ax.bar(methods, unsplit, color="grey", label="round (no lan run to split)")
+        bound = [c + (got[m]["link_bound_s"] if m in got else 0) for c, m in zip(comp, methods,
+                                                                               strict=True)]
+        known = [m for m in methods if m in got and got[m]["compute_s"] is not None]
+        ax.scatter(known, [b for b, m in zip(bound, methods, strict=True) if m in known],
+                   marker="_", s=400, color="black", label="compute + link bound")
         ax.set_title(profile)
         ax.tick_params(axis="x", rotation=30)
-    axes[0].set_ylabel("seconds per round")
-    axes[0].legend()
+    axes[0][0].set_ylabel("seconds per round (after round 1)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
