@@ -128,9 +128,10 @@ def _split_row(r: dict, base: dict | None, target: float | None) -> dict[str, An
                                             for x in _steady(r["rounds"])),
             "client_train_s": statistics.mean(x["client_train_s"] or 0
                                               for x in _steady(r["rounds"])),
-            "iface_mib_per_round": statistics.mean(x["iface_bytes"] for x in r["rounds"]) / 2**20,
+            "iface_mib_per_round": statistics.mean(x["iface_bytes"]
+                                                   for x in _steady(r["rounds"])) / 2**20,
             "fedpeft_mib_per_round": statistics.mean(x["fedpeft_bytes"]
-                                                     for x in r["rounds"]) / 2**20,
+                                                     for x in _steady(r["rounds"])) / 2**20,
             "acc0": r["acc0"], "best_acc": max(accs) if accs else None,
             "rounds_to_target": _to_target(r["rounds"], target),
             "seconds_to_target": _seconds_to_target(r["rounds"], target)}
