@@ -60,6 +60,8 @@ def run_one(method: str, profile: str, args: argparse.Namespace) -> dict[str, An
     t0 = time.perf_counter()
     code = netdeploy.main(argv)
     wall = time.perf_counter() - t0
+    if code == 130:  # the user stopped this run: stop the benchmark, not just the run
+        raise KeyboardInterrupt(f"{method} at {profile} was interrupted")
     run = Path(args.runs) / run_id
     if code != 0 or not (run / "netfed.json").exists():
         return {"method": method, "profile": profile, "failed": True, "exit": code}

@@ -30,3 +30,16 @@ def test_interrupted_run_is_not_reported_as_a_server_failure(tmp_path: Path) -> 
     assert status["state"] == "interrupted" and "SIGINT" in status["error"]
     run.set_status("failed", error="boom", reason="NothingTrained")
     assert settle_status(run, 0, "interrupted by SIGINT")["state"] == "failed"
+
+
+def test_a_deployment_interrupted_before_its_server_started_exits_130(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while the SuperNodes register: no run directory yet, still ``interrupted``
+    (exit 130, so a benchmark looping over runs stops too); a failed start exits 1."""
+    from fedpeft.deploy import finish
+
+    never = RunDir(tmp_path / "never-started")
+    assert finish(never, None, "interrupted by SIGINT while the run was in progress",
+                  tmp_path) == 130
+    assert finish(never, None, "TimeoutError: the SuperLink did not start", tmp_path) == 1
+    assert "interrupted by SIGINT" in capsys.readouterr().err
