@@ -86,7 +86,8 @@ def _round_row(rec: dict, row: dict) -> dict[str, Any]:
             "accuracy": rec.get("eval_accuracy"),
             "fedpeft_bytes": row["fedpeft_bytes_up"] + row["fedpeft_bytes_down"],
             "iface_bytes": row["iface_bytes_up"] + row["iface_bytes_down"],
-            "iface_up": row["iface_bytes_up"], "iface_down": row["iface_bytes_down"]}
+            "iface_up": row["iface_bytes_up"], "iface_down": row["iface_bytes_down"],
+            "reply_s": sorted(rec.get("reply_s", {}).values())}
 
 
 def rebuild(runs: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -134,9 +135,21 @@ def _split_row(r: dict, base: dict | None, target: float | None) -> dict[str, An
                                                    for x in _steady(r["rounds"])) / 2**20,
             "fedpeft_mib_per_round": statistics.mean(x["fedpeft_bytes"]
                                                      for x in _steady(r["rounds"])) / 2**20,
+            **_replies(_steady(r["rounds"])),
             "acc0": r["acc0"], "best_acc": max(accs) if accs else None,
             "rounds_to_target": _to_target(r["rounds"], target),
             "seconds_to_target": _seconds_to_target(r["rounds"], target)}
+
+
+def _replies(rounds: list[dict]) -> dict[str, float | None]:
+    """Mean seconds from the train push to the first and to the last reply. The round
+    waits for the last; ``straggler_s`` (last - first) is how long the fastest node's
+    finished update sat idle: what the slowest link or device costs everyone else."""
+    got = [x["reply_s"] for x in rounds if x.get("reply_s")]
+    if not got:  # runs recorded before reply times were
+        return {"first_reply_s": None, "last_reply_s": None, "straggler_s": None}
+    first, last = statistics.mean(g[0] for g in got), statistics.mean(g[-1] for g in got)
+    return {"first_reply_s": first, "last_reply_s": last, "straggler_s": last - first}
 
 
 def link_bound(row: dict, profile: str, nodes: int) -> float:
@@ -164,12 +177,13 @@ def _seconds_to_target(rounds: list[dict], target: float | None) -> float | None
 def markdown(table: list[dict]) -> str:
     """The README table."""
     lines = ["| method | link | round 1 s | s/round after | compute s | transfer s (link bound)"
-             " | vs LoRA | MiB/round on the interfaces (fedpeft's) | acc r0 → best |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             " | vs LoRA | replies first → last s | MiB/round on the interfaces (fedpeft's)"
+             " | acc r0 → best |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lora = {t["profile"]: t for t in table if t["method"] == "lora" and not t.get("failed")}
     for t in table:
         if t.get("failed"):
-            lines.append(f"| {t['method']} | {t['profile']} | failed | | | | | | |")
+            lines.append(f"| {t['method']} | {t['profile']} | failed | | | | | | | |")
             continue
         ratio = t["round_s"] / lora[t["profile"]]["round_s"] if t["profile"] in lora else None
         times = f"{ratio:.2f}" + TIMES if ratio else ""
@@ -177,9 +191,16 @@ def markdown(table: list[dict]) -> str:
             f"| {t['method']} | {t['profile']} | {t['round1_s']:.1f} | {t['round_s']:.1f} | "
             f"{_num(t['compute_s'])} | "
             f"{_num(t['transfer_s'], '+.1f')} ({t['link_bound_s']:.1f}) | {times} | "
+            f"{_spread(t)} | "
             f"{t['iface_mib_per_round']:.2f} ({t['fedpeft_mib_per_round']:.2f}) | "
             f"{t['acc0']:.3f} → {t['best_acc']:.3f} |")
     return "\n".join(lines)
+
+
+def _spread(t: dict) -> str:
+    if t.get("first_reply_s") is None:
+        return ""
+    return f"{t['first_reply_s']:.1f} → {t['last_reply_s']:.1f}"
 
 
 def _num(value: float | None, fmt: str = ".1f") -> str:

@@ -97,6 +97,7 @@ class RoundRecord:
     privacy: Mapping[str, object] = field(default_factory=dict)  # worst ε so far (DP runs)
     extra: Mapping[str, float] = field(default_factory=dict)
     placement: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # partition -> host
+    reply_s: Mapping[str, float] = field(default_factory=dict)  # node -> s from push to reply
 
 
 def compact_counts(counts: np.ndarray) -> np.ndarray:

@@ -84,6 +84,7 @@ def serve(grid: Grid, cfg: FedPeftConfig, run: RunDir, start_round: int) -> None
     grid = WatchedGrid(grid, stall_timeout_s=cfg.run.stall_timeout_s,
                        node_wait_s=cfg.run.node_wait_s, nodes_needed=_nodes_needed(cfg),
                        partition_of=lambda node: _partition_of(state.strategy, node))
+    state.arrivals = grid.arrivals
     log.info("fedpeft: run dir %s, rounds %d..%d", run.path, start_round + 1,
              cfg.run.num_rounds)
     try:

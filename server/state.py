@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
@@ -41,6 +42,7 @@ class GlobalModel:
         self._apply_s: float | None = None
         self.checkpoint = None
         self.health = RunHealth(cfg.run.max_empty_rounds)
+        self.arrivals: Mapping[str, Mapping[str, float]] = {}  # the grid's, once serving
         self.privacy = PrivacyBook(cfg, run, resume=bool(start_round))
         if start_round:
             _, _, self.checkpoint = resolve_resume(cfg.run.resume or "")
@@ -134,6 +136,7 @@ class GlobalModel:
             privacy=privacy or {},
             extra=dict(getattr(traffic, "extra", {})) if traffic else {},
             placement=_placement(self.strategy, traffic),
+            reply_s=dict(self.arrivals.get("train", {})) if traffic else {},
         )
 
     def _privacy(self, rnd: int, server_round: int) -> dict:

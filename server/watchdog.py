@@ -8,7 +8,9 @@ to ``timeout`` (an hour by default). :class:`WatchedGrid` wraps the real grid an
 - replaces ``send_and_receive`` with a polling loop that fails with :class:`Stalled`
   when no reply has arrived for ``run.stall_timeout_s``, naming the phase (train,
   evaluate; "no reply yet" covers Ray and model start-up), the nodes that have not
-  answered and, where a node ever reported it, their partition ids.
+  answered and, where a node ever reported it, their partition ids;
+- records when each node's reply came, per phase (``arrivals``): a round waits for its
+  last reply, and the spread is what slow links or devices (stragglers) cost the rest.
 
 Flower's Grid has no progress hook, so this loop is written here; it keeps the
 documented semantics of ``send_and_receive`` (push, pull until all replies or timeout).
@@ -51,6 +53,7 @@ class WatchedGrid(Grid):
         self.partition_of = partition_of or (lambda _node: None)
         self._wait_since: float | None = None
         self.last_progress = time.monotonic()
+        self.arrivals: dict[str, dict[str, float]] = {}  # phase -> node -> s after push
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -102,18 +105,23 @@ class WatchedGrid(Grid):
         phase = messages[0].metadata.message_type if messages else "?"
         end = None if timeout is None else time.monotonic() + timeout
         self.last_progress, replies, t0 = time.monotonic(), [], time.monotonic()
+        arrived = self.arrivals[phase] = {}
         while pending and (end is None or time.monotonic() < end):
             got = [_attributed(r, sent, t0) for r in self.inner.pull_messages(list(pending))]
-            self._note(got, pending, replies)
+            self._note(got, pending, replies, arrived, t0)
             if pending and not got:
                 self._check_stall(phase, pending, len(replies))
                 time.sleep(self.poll_s)
         waited = time.monotonic() - t0
         return replies + [_no_reply(sent[i], waited, timeout) for i in pending]
 
-    def _note(self, got: list[Message], pending: dict[str, str], replies: list) -> None:
+    def _note(self, got: list[Message], pending: dict[str, str], replies: list,
+              arrived: dict[str, float], t0: float) -> None:
+        """File ``got`` as answered, with when each came (to the poll: ``poll_s``)."""
         for msg in got:
-            pending.pop(msg.metadata.reply_to_message_id, None)
+            node = pending.pop(msg.metadata.reply_to_message_id, None)
+            if node is not None:
+                arrived[node] = round(time.monotonic() - t0, 3)
         if got:
             replies.extend(got)
             self.last_progress = time.monotonic()

@@ -119,6 +119,9 @@ def test_lora_over_tls_and_node_auth_across_emulated_hosts(tmp_path: Path,
     records = run.records()
     assert all(r["num_clients"] == 3 and r["num_rejected"] == 0 for r in records[1:])
     assert {w["host"] for w in records[1]["placement"].values()} != set()  # where each ran
+    for r in records[1:]:  # when each node's reply came: within the round, one per node
+        assert set(r["reply_s"]) == set(r["bytes_up"]), r
+        assert 0 < max(r["reply_s"].values()) <= r["wall_time_s"], r
 
 
 def test_fedkseed_across_emulated_hosts_replays_bit_exactly(tmp_path: Path,

@@ -77,6 +77,31 @@ def test_replies_keep_the_round_alive_and_end_it() -> None:
     assert [r.metadata.src_node_id for r in replies] == [11]
 
 
+class StaggeredGrid(SilentGrid):
+    """Node ``n`` replies ``delays[n]`` seconds after the push (a straggler when large)."""
+
+    def __init__(self, delays: dict[int, float]) -> None:
+        super().__init__(list(delays))
+        self.delays, self.t0 = delays, 0.0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        self.t0 = time.monotonic()
+        return super().push_messages(messages)
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        due = [i for i in ids if time.monotonic() - self.t0 >= self.delays[int(i[2:])]]
+        return [Message(RecordDict(), metadata=_meta(int(i[2:]), reply_to=i)) for i in due]
+
+
+def test_arrivals_record_when_each_node_replied() -> None:
+    grid = _grid(StaggeredGrid({11: 0.0, 12: 0.4}), stall_timeout_s=5)
+    grid.send_and_receive([Message(RecordDict(), metadata=_meta(n)) for n in (11, 12)],
+                          timeout=5)
+    got = grid.arrivals["train"]
+    assert set(got) == {"11", "12"} and got["11"] < 0.1
+    assert 0.4 <= got["12"] < 0.6  # the straggler, to the poll (0.05 s)
+
+
 class FaultyGrid(SilentGrid):
     """Node 13 answers; the SuperLink (node 1) answers for dead nodes 11 and 12; node 14
     never answers."""
