@@ -197,6 +197,17 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def target_markdown(table: list[dict], target: float) -> str:
+    """Rounds and seconds (round 1 included) each run took to reach ``target``."""
+    lines = [f"| method | link | rounds to {target:g} | seconds to {target:g} | best |",
+             "|---|---|---|---|---|"]
+    for t in (t for t in table if not t.get("failed")):
+        hit = t["rounds_to_target"]
+        lines.append(f"| {t['method']} | {t['profile']} | {hit or 'not reached'} | "
+                     f"{_num(t['seconds_to_target'])} | {t['best_acc']:.3f} |")
+    return "\n".join(lines)
+
+
 def _spread(t: dict) -> str:
     if t.get("first_reply_s") is None:
         return ""
@@ -271,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     table = split(results, args.target)
     out = {"machine": {"cpus": 2, "platform": platform.platform()},
            "profiles": {k: v.describe() for k, v in PROFILES.items()}, "mixed": list(MIXED),
-           "nodes": args.nodes, "rounds": args.rounds, "overrides": args.overrides,
+           "nodes": args.nodes, "rounds": args.rounds, "target": args.target,
+           "overrides": args.overrides,
            "method_overrides": args.method_overrides, "table": table, "runs": results}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(markdown(table))
+    if args.target is not None:
+        print(target_markdown(table, args.target))
     plot(table, Path(args.plot))
     return 0 if not any(t.get("failed") for t in table) else 1
 

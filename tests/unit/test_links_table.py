@@ -39,6 +39,9 @@ def test_split_against_lan_and_the_straggler_spread() -> None:
     assert row["link_bound_s"] == pytest.approx(MIB * 8 / 1e6)
     assert row["rounds_to_target"] == 3 and row["seconds_to_target"] == pytest.approx(324.0)
     assert "50.5 → 99.0" in links.markdown([lan_row, row])
+    assert "| lora | mixed | 3 | 324.0 | 0.300 |" in links.target_markdown([row], 0.25)
+    (missed,) = links.split([lan], target=0.5)
+    assert "| lora | lan | not reached |  | 0.300 |" in links.target_markdown([missed], 0.5)
 
 
 def test_runs_recorded_before_reply_times_leave_the_column_empty() -> None:
