@@ -87,7 +87,14 @@ def _round_row(rec: dict, row: dict) -> dict[str, Any]:
             "fedpeft_bytes": row["fedpeft_bytes_up"] + row["fedpeft_bytes_down"],
             "iface_bytes": row["iface_bytes_up"] + row["iface_bytes_down"],
             "iface_up": row["iface_bytes_up"], "iface_down": row["iface_bytes_down"],
-            "reply_s": sorted(rec.get("reply_s", {}).values())}
+            "reply_s": sorted(rec.get("reply_s", {}).values()),
+            "reply_by_partition": _by_partition(rec)}
+
+
+def _by_partition(rec: dict) -> dict[int, float]:
+    """Reply seconds keyed by partition: partition ``i`` ran on host ``n<i>``."""
+    parts = rec.get("partitions", {})
+    return {int(parts[n]): s for n, s in rec.get("reply_s", {}).items() if n in parts}
 
 
 def rebuild(runs: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -136,6 +143,7 @@ def _split_row(r: dict, base: dict | None, target: float | None) -> dict[str, An
             "fedpeft_mib_per_round": statistics.mean(x["fedpeft_bytes"]
                                                      for x in _steady(r["rounds"])) / 2**20,
             **_replies(_steady(r["rounds"])),
+            "reply_by_link": _by_link(_steady(r["rounds"]), r["profile"], r["nodes"]),
             "acc0": r["acc0"], "best_acc": max(accs) if accs else None,
             "rounds_to_target": _to_target(r["rounds"], target),
             "seconds_to_target": _seconds_to_target(r["rounds"], target)}
@@ -150,6 +158,34 @@ def _replies(rounds: list[dict]) -> dict[str, float | None]:
         return {"first_reply_s": None, "last_reply_s": None, "straggler_s": None}
     first, last = statistics.mean(g[0] for g in got), statistics.mean(g[-1] for g in got)
     return {"first_reply_s": first, "last_reply_s": last, "straggler_s": last - first}
+
+
+def link_names(profile: str, nodes: int) -> list[str]:
+    """The link profile name of each node (partition) ``0..nodes-1``."""
+    names = list(MIXED) if profile == "mixed" else profile.split(",")
+    return [names[i % len(names)] for i in range(nodes)]
+
+
+def _by_link(rounds: list[dict], profile: str, nodes: int) -> dict[str, float]:
+    """Mean reply seconds of the nodes on each link kind, over ``rounds``."""
+    names, got = link_names(profile, nodes), {}
+    for x in rounds:
+        for pid, sec in x.get("reply_by_partition", {}).items():
+            got.setdefault(names[int(pid) % nodes], []).append(sec)
+    return {name: statistics.mean(v) for name, v in got.items()}
+
+
+def straggler_markdown(table: list[dict]) -> str:
+    """Heterogeneous links: when the nodes on each link kind replied, and how long their
+    finished update waited for the round's last reply."""
+    lines = ["| method | profile | node link | reply after s | waits for the last s |",
+             "|---|---|---|---|---|"]
+    for t in (t for t in table if len(t.get("reply_by_link") or {}) > 1):
+        last = t["last_reply_s"]
+        for name, sec in t["reply_by_link"].items():
+            lines.append(f"| {t['method']} | {t['profile']} | {name} | {sec:.1f} | "
+                         f"{last - sec:.1f} |")
+    return "\n".join(lines)
 
 
 def link_bound(row: dict, profile: str, nodes: int) -> float:
@@ -289,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(table))
     if args.target is not None:
         print(target_markdown(table, args.target))
+    print(straggler_markdown(table))
     plot(table, Path(args.plot))
     return 0 if not any(t.get("failed") for t in table) else 1
 

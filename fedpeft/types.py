@@ -98,6 +98,7 @@ class RoundRecord:
     extra: Mapping[str, float] = field(default_factory=dict)
     placement: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # partition -> host
     reply_s: Mapping[str, float] = field(default_factory=dict)  # node -> s from push to reply
+    partitions: Mapping[str, int] = field(default_factory=dict)  # node -> partition id
 
 
 def compact_counts(counts: np.ndarray) -> np.ndarray:

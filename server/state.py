@@ -137,6 +137,7 @@ class GlobalModel:
             extra=dict(getattr(traffic, "extra", {})) if traffic else {},
             placement=_placement(self.strategy, traffic),
             reply_s=dict(self.arrivals.get("train", {})) if traffic else {},
+            partitions=_partitions(self.strategy, traffic),
         )
 
     def _privacy(self, rnd: int, server_round: int) -> dict:
@@ -169,6 +170,15 @@ def _placement(strategy: Any, traffic: Any) -> dict:
     """Where the round's replying clients ran (host, Ray node), by partition."""
     partitions = getattr(strategy, "partitions", None)
     return partitions.placement(traffic.bytes_up) if traffic and partitions else {}
+
+
+def _partitions(strategy: Any, traffic: Any) -> dict[str, int]:
+    """Node id -> partition id for the round's replying nodes, where known: ties the
+    node-keyed columns (bytes, reply times) to partitions and so to hosts and links."""
+    partitions = getattr(strategy, "partitions", None)
+    if not traffic or not partitions:
+        return {}
+    return {n: p for n in traffic.bytes_up if (p := partitions.get(n)) is not None}
 
 
 def _metric(record: Any, key: str) -> float | None:

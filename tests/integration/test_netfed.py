@@ -121,6 +121,7 @@ def test_lora_over_tls_and_node_auth_across_emulated_hosts(tmp_path: Path,
     assert {w["host"] for w in records[1]["placement"].values()} != set()  # where each ran
     for r in records[1:]:  # when each node's reply came: within the round, one per node
         assert set(r["reply_s"]) == set(r["bytes_up"]), r
+        assert sorted(r["partitions"].values()) == [0, 1, 2], r
         assert 0 < max(r["reply_s"].values()) <= r["wall_time_s"], r
 
 

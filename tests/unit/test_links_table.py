@@ -18,7 +18,8 @@ MIB = 2**20
 def _round(n: int, wall: float, replies: list[float], up: int = 4 * MIB) -> dict:
     return {"round": n, "wall_s": wall, "client_train_s": 50.0, "eval_s": 5.0,
             "accuracy": 0.1 * n, "fedpeft_bytes": up, "iface_bytes": up, "iface_up": up,
-            "iface_down": 0, "reply_s": replies}
+            "iface_down": 0, "reply_s": sorted(replies),
+            "reply_by_partition": dict(enumerate(replies))}
 
 
 def _run(profile: str, walls: list[float], replies: list[list[float]]) -> dict:
@@ -39,6 +40,10 @@ def test_split_against_lan_and_the_straggler_spread() -> None:
     assert row["link_bound_s"] == pytest.approx(MIB * 8 / 1e6)
     assert row["rounds_to_target"] == 3 and row["seconds_to_target"] == pytest.approx(324.0)
     assert "50.5 → 99.0" in links.markdown([lan_row, row])
+    # partitions 0..3 sit on lan, edge, phone, phone: the phones are the stragglers
+    assert row["reply_by_link"] == pytest.approx({"lan": 50.5, "edge": 55.5, "phone": 95.75})
+    text = links.straggler_markdown([lan_row, row])
+    assert "| lora | mixed | lan | 50.5 | 48.5 |" in text and "| lora | lan |" not in text
     assert "| lora | mixed | 3 | 324.0 | 0.300 |" in links.target_markdown([row], 0.25)
     (missed,) = links.split([lan], target=0.5)
     assert "| lora | lan | not reached |  | 0.300 |" in links.target_markdown([missed], 0.5)
