@@ -268,15 +268,18 @@ def plot(table: list[dict], path: Path) -> None:
                              sharey=True, squeeze=False)
     for ax, profile in zip(axes[0], profiles, strict=True):
         got = {t["method"]: t for t in rows if t["profile"] == profile}
-        comp = [got[m]["compute_s"] or 0 if m in got else 0 for m in methods]
+        # a round faster than its lan run (compute noise) is drawn at its measured height
+        comp = [min(got[m]["compute_s"] or 0, got[m]["round_s"]) if m in got else 0
+                for m in methods]
         trans = [max(got[m]["transfer_s"] or 0, 0) if m in got else 0 for m in methods]
         ax.bar(methods, comp, label="compute")
         ax.bar(methods, trans, bottom=comp, label="transfer (over lan)")
         unsplit = [got[m]["round_s"] if m in got and got[m]["compute_s"] is None else 0
                    for m in methods]
-        ax.bar(methods, unsplit, color="grey", label="round (no lan run to split)")
-        bound = [c + (got[m]["link_bound_s"] if m in got else 0) for c, m in zip(comp, methods,
-                                                                               strict=True)]
+        if any(unsplit):
+            ax.bar(methods, unsplit, color="grey", label="round (no lan run to split)")
+        bound = [(got[m]["compute_s"] or 0) + got[m]["link_bound_s"] if m in got else 0
+                 for m in methods]
         known = [m for m in methods if m in got and got[m]["compute_s"] is not None]
         ax.scatter(known, [b for b, m in zip(bound, methods, strict=True) if m in known],
                    marker="_", s=400, color="black", label="compute + link bound")
