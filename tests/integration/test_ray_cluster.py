@@ -37,7 +37,7 @@ def cluster() -> Iterator[tuple[NetFed, list[int]]]:
     base = Path(tempfile.mkdtemp(prefix="fprc-", dir="/tmp"))  # Ray's socket paths are short
     ws = RunWorkspace(prefix="fprw-")
     env = ws.env()
-    env.pop("RAY_ADDRESS")
+    env.pop("RAY_ADDRESS", None)
     env.pop("RAY_TMPDIR")
     with NetFed(["head", "worker"], [Link(), Link()]) as net:
         head = net.hosts["head"].addr
