@@ -159,7 +159,7 @@ def test_round_record_carries_the_exclusions_into_metrics_jsonl(tmp_path) -> Non
     strat = _decoding(build_strategy("fedmedian", {}))
     strat.aggregate_train(SERVER_ROUND, [_reply(p, d) for p, d in enumerate(_deltas(5))])
     state = SimpleNamespace(strategy=strat, _t_last=time.perf_counter(), _eval_s=None,
-                            _apply_s=None)
+                            _apply_s=None, arrivals={"train": {"7": 1.5}})
 
     record = GlobalModel._record(state, OFFSET + SERVER_ROUND, SERVER_ROUND, None)
     RunDir(tmp_path).append(record)
@@ -167,6 +167,9 @@ def test_round_record_carries_the_exclusions_into_metrics_jsonl(tmp_path) -> Non
     (line,) = RunDir(tmp_path).records()
     assert line["excluded"] == [dict(e) for e in strat.traffic.excluded]
     assert [(e["partition"], e["by"]) for e in line["excluded"]] == [(5, "fedmedian")]
+    assert line["reply_s"] == {"7": 1.5}
+    assert line["partitions"] == {n: strat.partitions.get(n) for n in line["bytes_up"]}
+    assert sorted(line["partitions"].values()) == list(range(len(line["bytes_up"])))
 
 
 def test_client_reports_partition_id_and_failures_name_it(monkeypatch) -> None:
