@@ -33,6 +33,7 @@ from fedpeft.launch import (
     run_config_string,
     run_guarded,
     settle_status,
+    stop_state,
     wait_final,
     write_connection,
 )
@@ -149,19 +150,13 @@ def run(args: argparse.Namespace) -> int:
 
 def finish(run_dir: RunDir, code: int | None, reason: str | None, logs: Path) -> int:
     status = settle_status(run_dir, code, reason) if run_dir.path.exists() else {
-        "state": _unstarted_state(reason), "error": reason or "the ServerApp never started"}
+        "state": stop_state(reason), "error": reason or "the ServerApp never started"}
     if status.get("state") != "completed":
         print(f"deployment run failed (flwr exit {code}); status: {status}; logs in {logs}",
               file=sys.stderr)
         return 130 if status.get("state") == "interrupted" else 1
     print(f"deployment run completed; metrics in {run_dir.metrics_path}")
     return 0
-
-
-def _unstarted_state(reason: str | None) -> str:
-    """A run stopped before its ServerApp started: ``interrupted`` when the user stopped it
-    (so callers exit 130 and a benchmark loop stops), else ``failed``."""
-    return "interrupted" if reason and reason.startswith("interrupted by") else "failed"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,6 +172,12 @@ def wait_final(run: RunDir, timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
+def stop_state(reason: str | None) -> str:
+    """The final state of a run that stopped for ``reason``: ``interrupted`` when the user
+    stopped it (SIGINT/SIGTERM; callers exit 130), else ``failed``."""
+    return "interrupted" if reason and reason.startswith("interrupted") else "failed"
+
+
 def settle_status(run: RunDir, code: int | None, reason: str | None) -> dict[str, Any]:
     """The run's final status; a run left ``running``/``missing`` is marked with why."""
     status = run.status()
@@ -181,7 +187,7 @@ def settle_status(run: RunDir, code: int | None, reason: str | None) -> dict[str
     if reason is None:
         reason = (f"the server process ended without a final status (flwr run exit code "
                   f"{code}); last state {status.get('state')!r}")
-    state = "interrupted" if reason.startswith("interrupted") else "failed"
+    state = stop_state(reason)
     run.path.mkdir(parents=True, exist_ok=True)
     run.set_status(state, error=reason)
     return run.status()
